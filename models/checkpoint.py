@@ -1,0 +1,111 @@
+"""Finding and reading checkpoints: HF safetensors directories (sharded too) and GGUF files."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line naming the file and tensor."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: str
+    gguf_file: str | None = None  # file name inside ``directory`` when the weights are GGUF
+
+    @property
+    def display(self) -> str:
+        return os.path.join(self.directory, self.gguf_file) if self.gguf_file else self.directory
+
+
+def resolve_checkpoint(path: str) -> Checkpoint:
+    """A directory with config.json + safetensors, a directory with one .gguf, or a .gguf path."""
+    path = os.path.expanduser(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return Checkpoint(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory or .gguf file")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return Checkpoint(os.path.abspath(path))
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if len(ggufs) == 1:
+        return Checkpoint(os.path.abspath(path), ggufs[0])
+    if len(ggufs) > 1:
+        raise CheckpointError(f"{path}: several .gguf files ({', '.join(ggufs)}); pass one file's path")
+    raise CheckpointError(f"{path}: neither config.json nor a .gguf file found")
+
+
+def load_config(ckpt: Checkpoint) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        if ckpt.gguf_file:
+            return AutoConfig.from_pretrained(ckpt.directory, gguf_file=ckpt.gguf_file)
+        return AutoConfig.from_pretrained(ckpt.directory)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt.display}: cannot read config: {str(e).splitlines()[0]}") from e
+
+
+def load_tokenizer(ckpt: Checkpoint) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
+    return AutoTokenizer.from_pretrained(ckpt.directory, **kwargs)
+
+
+def _safetensors_files(directory: str) -> list[str]:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard {missing[0]} which does not exist")
+        return files
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no *.safetensors weight files")
+    return files
+
+
+def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(tensor name, tensor, file) for every tensor of every shard."""
+    from safetensors import SafetensorError, safe_open
+
+    for file_name in _safetensors_files(directory):
+        path = os.path.join(directory, file_name)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name), path
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors file ({str(e).splitlines()[0]})") from e
+
+
+def iter_gguf(ckpt: Checkpoint, config: Any) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Dequantized GGUF tensors under their HF names, through transformers' GGUF reader."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = os.path.join(ckpt.directory, ckpt.gguf_file)
+    # transformers maps GGUF names to HF names through a model instance; a meta one costs nothing.
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(config)
+    try:
+        tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=reference)["tensors"]
+    except (ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot read GGUF ({str(e).splitlines()[0]})") from e
+    for name, tensor in tensors.items():
+        yield name, tensor, path
+
+
+def iter_weights(ckpt: Checkpoint, config: Any) -> Iterator[tuple[str, torch.Tensor, str]]:
+    if ckpt.gguf_file:
+        return iter_gguf(ckpt, config)
+    return iter_safetensors(ckpt.directory)

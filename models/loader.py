@@ -1,0 +1,113 @@
+"""Build one of our models from a checkpoint: config -> class -> weights -> device and dtype."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from models.checkpoint import Checkpoint, CheckpointError, iter_weights, load_config, load_tokenizer, resolve_checkpoint
+from models.registry import resolve_model_class
+from models.weights import StackedWeights
+from runtime.platforms import current_platform
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: Any
+    checkpoint: Checkpoint
+    dtype: torch.dtype
+    device: torch.device
+
+    def tokenizer(self) -> Any:
+        return load_tokenizer(self.checkpoint)
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(declared, str):
+            declared = _DTYPES.get(declared)
+        return current_platform.auto_dtype(declared)
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(sorted(_DTYPES))}") from None
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(config: Any, dtype: torch.dtype, device: torch.device | str, init: bool = True) -> nn.Module:
+    """Instantiate our class for ``config``; ``init=False`` leaves weights uninitialised (to be loaded)."""
+    cls = resolve_model_class(config)
+    with default_dtype(dtype), torch.device("meta" if not init else device):
+        model = cls(config)
+    if not init:
+        model = model.to_empty(device=device)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        for module in model.modules():
+            if hasattr(module, "rebuild_buffers"):
+                module.rebuild_buffers()
+    return model.eval()
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, str]]) -> None:
+    """Copy checkpoint tensors into ``model``; any unexpected, mis-shaped or missing tensor is an error."""
+    params = dict(model.named_parameters())
+    mapper = getattr(model, "weights", None) or StackedWeights(model)
+    filled = {name: 0 for name in params}
+    for name, tensor, source in weights:
+        target = mapper.resolve(name)
+        if target is None:
+            continue
+        param = params.get(target.param)
+        if param is None:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} (the model has no parameter {target.param!r})")
+        dest = param.data[target.index] if target.index else param.data
+        if tuple(dest.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        filled[target.param] += tensor.numel()
+    missing = [name for name, count in filled.items() if count < params[name].numel()]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing tensor(s) for {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+
+def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> LoadedModel:
+    """Load a checkpoint directory or GGUF file into our implementation of its architecture."""
+    ckpt = resolve_checkpoint(path)
+    config = load_config(ckpt)
+    torch_dtype = resolve_dtype(dtype, config)
+    device = torch.device(device) if device is not None else current_platform.device()
+    start = time.perf_counter()
+    model = build_model(config, torch_dtype, device, init=False)
+    weights = tqdm(iter_weights(ckpt, config), desc="Loading weights", unit="tensor", leave=False)
+    load_weights(model, weights)
+    logger.info("loaded %s (%s) as %s on %s in %.1f s", ckpt.display, type(model).__name__,
+                str(torch_dtype).removeprefix("torch."), device, time.perf_counter() - start)
+    return LoadedModel(model, config, ckpt, torch_dtype, device)

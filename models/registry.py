@@ -1,0 +1,45 @@
+"""HF ``config.architectures[0]`` -> our model class."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from models.qwen3_moe import Qwen3MoeForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+}
+
+# GGUF configs carry a model_type but no architectures list.
+_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                       "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def architecture_of(config: Any) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return archs[0]
+    model_type = getattr(config, "model_type", None)
+    if model_type in _MODEL_TYPE_TO_ARCH:
+        return _MODEL_TYPE_TO_ARCH[model_type]
+    raise UnsupportedArchitectureError(f"config names no architecture (model_type={model_type!r})")
+
+
+def resolve_model_class(config: Any) -> type[nn.Module]:
+    arch = architecture_of(config)
+    try:
+        return MODEL_REGISTRY[arch]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"architecture {arch!r} is not supported; supported: {', '.join(sorted(MODEL_REGISTRY))}"
+        ) from None

@@ -1,0 +1,59 @@
+"""The attention custom op: the seam between the compiled graph and the paged KV cache.
+
+Registered with torch.library so Dynamo sees one opaque node (``graphmode::attention``) that the
+compiler can split the graph at. The op mutates ``out`` instead of returning a tensor so that, in
+piecewise graphs, the output buffer is allocated by the preceding piece and keeps its address.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from runtime.forward_context import get_forward_context
+from runtime.platforms import current_platform
+
+ATTENTION_OP = "graphmode::attention"
+
+_BACKENDS = {
+    "torch": "runtime.attention.torch_backend",
+    "triton": "runtime.attention.triton_kernels",
+}
+
+
+def attention_backend(name: str | None = None) -> ModuleType:
+    """The module providing ``store_kv`` and ``paged_attention`` for this platform."""
+    name = name or current_platform.attention_backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    return importlib.import_module(_BACKENDS[name])
+
+
+@torch.library.custom_op(ATTENTION_OP, mutates_args=("out",))
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    layer_name: str,
+    scale: float,
+    sliding_window: int,
+) -> None:
+    """query/out [T, H, D], key/value [T, KVH, D]; sliding_window <= 0 means none."""
+    ctx = get_forward_context()
+    metadata = ctx.attn_metadata
+    if metadata is None:
+        raise RuntimeError("attention op called without attention metadata in the forward context")
+    try:
+        kv_cache = ctx.kv_caches[layer_name]
+    except KeyError:
+        raise RuntimeError(f"no KV cache registered for attention layer {layer_name!r}") from None
+    backend = attention_backend()
+    backend.store_kv(key, value, kv_cache, metadata.slot_mapping)
+    backend.paged_attention(query, kv_cache, metadata, scale, sliding_window if sliding_window > 0 else None, out)
+
+
+@attention.register_fake
+def _attention_fake(query, key, value, out, layer_name, scale, sliding_window) -> None:
+    return None

@@ -1,0 +1,59 @@
+"""The platform interface: everything that differs between CPU, CUDA and Ascend lives behind it.
+
+This package is a leaf: it imports nothing else of ours, so every other module may import it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    free_bytes: int
+    total_bytes: int
+
+
+class Platform:
+    """Base platform; concrete platforms override what their device offers."""
+
+    name: str = "base"
+    device_type: str = "cpu"
+    # Name of the attention backend module in runtime/attention ("torch", "triton", "npu").
+    attention_backend: str = "torch"
+    # Kernel provider for fused custom ops in runtime/ops ("torch", "triton", "npu").
+    op_kernels: str = "torch"
+    default_compile_backend: str = "inductor"
+    dist_backend: str = "gloo"
+    supports_static_graphs: bool = False
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
+
+    def memory_info(self) -> MemoryInfo:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        return None
+
+    def empty_cache(self) -> None:
+        return None
+
+    def reset_peak_memory(self) -> None:
+        return None
+
+    def peak_memory_bytes(self) -> int:
+        return 0
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def auto_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype ``dtype="auto"`` means here: the checkpoint's, when it names a float type."""
+        if checkpoint_dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return checkpoint_dtype
+        return torch.float32

@@ -1,0 +1,41 @@
+"""CPU platform: the reference everything else is checked against; no static graphs."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from runtime.platforms.base import MemoryInfo, Platform
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+    attention_backend = "torch"
+    op_kernels = "torch"
+    default_compile_backend = "inductor"
+    dist_backend = "gloo"
+    supports_static_graphs = False
+
+    def auto_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        # CPUs run half-precision matmuls slowly and inexactly; fp32 is the useful default here.
+        return torch.float32
+
+    def memory_info(self) -> MemoryInfo:
+        total = _meminfo_bytes("MemTotal")
+        free = _meminfo_bytes("MemAvailable")
+        if total is None or free is None:
+            pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            return MemoryInfo(free_bytes=pages // 2, total_bytes=pages)
+        return MemoryInfo(free_bytes=free, total_bytes=total)

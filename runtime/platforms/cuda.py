@@ -1,0 +1,48 @@
+"""NVIDIA CUDA platform: CUDA graphs, Triton kernels, NCCL."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from runtime.platforms.base import MemoryInfo, Platform
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+    # Triton is optional at install time; without it the torch reference kernels serve.
+    attention_backend = "triton" if importlib.util.find_spec("triton") else "torch"
+    op_kernels = "triton" if importlib.util.find_spec("triton") else "torch"
+    default_compile_backend = "inductor"
+    dist_backend = "nccl"
+    supports_static_graphs = True
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.cuda.is_available()
+
+    def auto_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        if checkpoint_dtype in (torch.float16, torch.bfloat16):
+            return checkpoint_dtype
+        return torch.bfloat16
+
+    def memory_info(self) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info()
+        return MemoryInfo(free_bytes=free, total_bytes=total)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory_bytes(self) -> int:
+        return torch.cuda.max_memory_allocated()
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
