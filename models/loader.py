@@ -39,7 +39,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        declared = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
         if isinstance(declared, str):
             declared = _DTYPES.get(declared)
         return current_platform.auto_dtype(declared)

@@ -9,7 +9,9 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def pytest_configure(config):
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    from runtime.platforms import current_platform
+
+    current_platform.configure_process()
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,12 @@
 """Reference paged attention in plain torch: runs on any device, correct for mixed batches.
 
-Decode rows (one query each) are computed together in one masked SDPA; prefill rows, which
+Decode rows (one query each) are computed together in one masked batch; prefill rows, which
 are few per step, one request at a time. Speed is not the point here; the Triton backend is.
+The math is written out (no SDPA): on CPU, SDPA's fixed cost dwarfs these small problems.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from runtime.attention.metadata import AttentionMetadata
 
@@ -34,6 +34,18 @@ def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int |
     if sliding_window is not None:
         mask = mask & (k_pos > q_pos - sliding_window)
     return mask
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q [B, Q, H, D], k/v [B, L, KVH, D], mask [B, Q, L] -> [B, Q, H, D]; grouped-query aware."""
+    b, nq, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, nq, kvh, h // kvh, d).float()
+    scores = torch.einsum("bqkgd,blkd->bkgql", qg, k.float()) * scale
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    out = torch.einsum("bkgql,blkd->bqkgd", scores.softmax(dim=-1), v.float())
+    return out.reshape(b, nq, h, d)
 
 
 def paged_attention(
@@ -71,24 +83,16 @@ def _decode(query, kv_cache, metadata, scale, sliding_window, out, rows, starts,
     tables = metadata.block_tables[torch.tensor(rows, device=device)]
     k, v = _gather_kv(kv_cache, tables, max_len, metadata.block_size)  # [S, L, kvh, d]
     token_rows = torch.tensor([starts[i] for i in rows], device=device)
-    q = query[token_rows].unsqueeze(2)  # [S, h, 1, d]
     k_pos = torch.arange(max_len, device=device)
     mask = _window_mask((lengths - 1)[:, None], k_pos[None, :], sliding_window) & (k_pos[None, :] < lengths[:, None])
-    o = F.scaled_dot_product_attention(
-        q, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True,
-    )
-    out[token_rows] = o.squeeze(2).to(out.dtype)
+    o = _masked_attention(query[token_rows].unsqueeze(1), k, v, mask[:, None, :], scale)
+    out[token_rows] = o.squeeze(1).to(out.dtype)
 
 
 def _prefill_one(query, kv_cache, metadata, scale, sliding_window, out, i, start, q_len, seq_len) -> None:
     k, v = _gather_kv(kv_cache, metadata.block_tables[i], seq_len, metadata.block_size)  # [L, kvh, d]
-    q = query[start:start + q_len].transpose(0, 1)  # [h, q, d]
     q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
     k_pos = torch.arange(seq_len, device=query.device)
     mask = _window_mask(q_pos[:, None], k_pos[None, :], sliding_window)
-    o = F.scaled_dot_product_attention(
-        q, k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
-        attn_mask=mask, scale=scale, enable_gqa=True,
-    )
-    out[start:start + q_len] = o.transpose(0, 1).to(out.dtype)
+    o = _masked_attention(query[start:start + q_len][None], k[None], v[None], mask[None], scale)
+    out[start:start + q_len] = o[0].to(out.dtype)

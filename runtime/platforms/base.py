@@ -26,6 +26,8 @@ class Platform:
     default_compile_backend: str = "inductor"
     dist_backend: str = "gloo"
     supports_static_graphs: bool = False
+    # Whether peak device memory of a dummy step can be measured (sizes the KV cache from it).
+    supports_memory_profiling: bool = False
 
     @classmethod
     def is_available(cls) -> bool:
@@ -33,6 +35,10 @@ class Platform:
 
     def device(self, index: int = 0) -> torch.device:
         return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
+
+    def configure_process(self) -> None:
+        """One-time, per-process settings (threads and the like) before a model runs."""
+        return None
 
     def memory_info(self) -> MemoryInfo:
         raise NotImplementedError

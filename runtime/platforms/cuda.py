@@ -17,6 +17,7 @@ class CudaPlatform(Platform):
     default_compile_backend = "inductor"
     dist_backend = "nccl"
     supports_static_graphs = True
+    supports_memory_profiling = True
 
     @classmethod
     def is_available(cls) -> bool:

@@ -1,0 +1,167 @@
+"""Turns a scheduler step into one model forward: inputs in persistent buffers, metadata, sampling."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from runtime.attention.kv_tensors import allocate_kv_caches, kv_bytes_per_block
+from runtime.attention.metadata import AttentionMetadata
+from runtime.forward_context import set_forward_context
+from runtime.platforms import current_platform
+from runtime.sampler import Sampler, SamplingBatch
+from runtime.scheduler import ScheduledRequest, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int]
+    # request id -> (sampled token logprob, [(token, logprob), ...] top entries or None)
+    logprobs: dict[str, tuple[float, list[tuple[int, float]] | None]]
+
+
+class InputBuffers:
+    """Device tensors sized for the largest step, refilled in place every step (stable addresses)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device, vocab_size: int) -> None:
+        self.model, self.dtype, self.device = model, dtype, device
+        self.block_size, self.max_model_len = block_size, max_model_len
+        self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.vocab_size = vocab_size
+        self.buffers = InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
+        self.sampler = Sampler()
+        self.kv_caches: dict[str, torch.Tensor] = {}
+
+    # ---- KV cache sizing -------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        return kv_bytes_per_block(self.model, self.block_size, self.dtype)
+
+    @torch.inference_mode()
+    def profile_peak_bytes(self) -> int:
+        """Peak activation memory of a dummy step at the full token budget (no KV writes)."""
+        tokens = self.max_num_tokens
+        seq_len = min(self.max_model_len, tokens)
+        lens = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
+        lens = lens[: self.max_num_seqs]
+        dummy_kv = allocate_kv_caches(self.model, 1, self.block_size, self.dtype, self.device)
+        md = AttentionMetadata.build(lens, lens, [[0] * self.max_blocks_per_seq for _ in lens], self.block_size,
+                                     self.device)
+        md.slot_mapping.fill_(-1)
+        current_platform.synchronize()
+        current_platform.reset_peak_memory()
+        before = current_platform.peak_memory_bytes()
+        n = sum(lens)
+        with set_forward_context(md, dummy_kv):
+            hidden = self.model(self.buffers.input_ids[:n], self.buffers.positions[:n])
+            self.model.compute_logits(hidden[: len(lens)])
+        current_platform.synchronize()
+        peak = current_platform.peak_memory_bytes() - before
+        del dummy_kv, hidden
+        current_platform.empty_cache()
+        return peak
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size, self.dtype, self.device)
+
+    # ---- one step --------------------------------------------------------------------------
+    def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[AttentionMetadata, int]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, seq_lens = [], []
+        bs = self.block_size
+        tables = torch.zeros(len(scheduled), self.max_blocks_per_seq, dtype=torch.int32)
+        for row, item in enumerate(scheduled):
+            req, start, end = item.request, item.start_pos, item.start_pos + item.num_new_tokens
+            prompt_len = len(req.prompt_token_ids)
+            if start >= prompt_len:
+                ids.extend(req.output_token_ids[start - prompt_len:end - prompt_len])
+            else:
+                ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            query_lens.append(end - start)
+            seq_lens.append(end)
+        n, s = len(ids), len(scheduled)
+        buf = self.buffers
+        buf.input_ids[:n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
+        buf.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
+        buf.slot_mapping[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
+        buf.block_tables[:s].copy_(tables, non_blocking=True)
+        buf.seq_lens[:s].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        starts = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        buf.query_start_loc[: s + 1].copy_(starts, non_blocking=True)
+        md = AttentionMetadata(
+            slot_mapping=buf.slot_mapping[:n], block_tables=buf.block_tables[:s], seq_lens=buf.seq_lens[:s],
+            query_start_loc=buf.query_start_loc[: s + 1], num_actual_tokens=n, max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens), block_size=bs, query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        return md, n
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput, generators: dict[str, torch.Generator]) -> StepResult:
+        md, n = self._prepare(output.scheduled)
+        with set_forward_context(md, self.kv_caches):
+            hidden = self.model(self.buffers.input_ids[:n], self.buffers.positions[:n])
+        sampling_rows = [(row, item.request) for row, item in enumerate(output.scheduled) if item.samples]
+        if not sampling_rows:
+            return StepResult({}, {})
+        last_token = md.query_start_loc[1:].long() - 1
+        rows = torch.tensor([row for row, _ in sampling_rows], device=self.device)
+        logits = self.model.compute_logits(hidden[last_token[rows]]).float()
+        requests = [req for _, req in sampling_rows]
+        _suppress_stop_tokens_before_min(logits, requests)
+        batch = SamplingBatch.build(
+            [r.sampling_params for r in requests], [r.prompt_token_ids for r in requests],
+            [r.output_token_ids for r in requests], logits.shape[-1], self.device,
+            [generators.get(r.request_id) for r in requests])
+        result = self.sampler(logits, batch)
+        tokens = result.sampled_token_ids.tolist()
+        sampled = {r.request_id: t for r, t in zip(requests, tokens)}
+        return StepResult(sampled, _logprobs_by_request(requests, result))
+
+
+def _suppress_stop_tokens_before_min(logits: torch.Tensor, requests: list) -> None:
+    """A request below its min_tokens must not sample EOS or a stop token id."""
+    for row, req in enumerate(requests):
+        params = req.sampling_params
+        if params.min_tokens and len(req.output_token_ids) < params.min_tokens:
+            banned = list(params.stop_token_ids or [])
+            if req.eos_token_id is not None and not params.ignore_eos:
+                banned.append(req.eos_token_id)
+            if banned:
+                logits[row, banned] = float("-inf")
+
+
+def _logprobs_by_request(requests: list, result) -> dict[str, tuple[float, list[tuple[int, float]] | None]]:
+    wanted = [(i, r) for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+    if not wanted:
+        return {}
+    sampled_lp = result.logprobs.tolist()
+    top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
+    top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+    out = {}
+    for i, r in wanted:
+        k = r.sampling_params.logprobs
+        top = list(zip(top_ids[i][:k], top_lps[i][:k])) if (k and top_ids is not None) else None
+        out[r.request_id] = (sampled_lp[i], top)
+    return out

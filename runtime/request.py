@@ -1,0 +1,73 @@
+"""One generation request as the scheduler and KV-cache manager see it.
+
+A request's tokens are ``prompt_token_ids + output_token_ids``. ``num_computed_tokens``
+counts the leading tokens whose KV is already in the cache, so the tokens still to run
+through the model are ``all_token_ids[num_computed_tokens:]``: the rest of the prompt
+during prefill, or the one token sampled last step during decode.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED_STATUSES
+
+
+_FINISHED_STATUSES = frozenset(
+    {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose KV is in the cache; reset to 0 on preemption (the KV is dropped).
+    num_computed_tokens: int = 0
+    # Physical KV blocks, in token order; owned by the KVCacheManager.
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    # Prompt tokens served from the prefix cache at first schedule (stats only).
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    # Why the scheduler finished the request on its own (e.g. prompt too long), for the user.
+    finish_reason_detail: str | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished

@@ -1,0 +1,289 @@
+"""Continuous-batching scheduler: decides which tokens of which requests run each step.
+
+One token budget covers prefills and decodes alike (vLLM v1 style). Running requests
+are served first, in arrival order, so decodes are never starved by new prompts; what
+is left of the budget admits waiting requests in FIFO order, chunking long prompts
+across steps. When the KV cache runs out, the newest running request is preempted: its
+blocks are freed and it is recomputed from scratch later (its full blocks usually
+survive in the prefix cache, so the recompute is mostly cache hits).
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from runtime.kv_cache import KVCacheManager
+from runtime.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+    # Cap on one request's prefill chunk per step, so one long prompt can't take the
+    # whole budget from other prefills; 0 = off. Applies only with chunked prefill.
+    long_prefill_token_threshold: int = 0
+
+
+@dataclass
+class ScheduledRequest:
+    """Computes tokens ``[start_pos, start_pos + num_new_tokens)`` of the request this step."""
+
+    request: Request
+    num_new_tokens: int
+    # Snapshots taken at schedule time: update_from_output moves the request on, and
+    # the answers must not change under the runner's or the updater's feet.
+    start_pos: int = field(init=False)
+    _samples: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.start_pos = self.request.num_computed_tokens
+        self._samples = self.start_pos + self.num_new_tokens >= self.request.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last token, so a token is sampled."""
+        return self._samples
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    preempted_ids: list[str]
+    # Requests freed since the previous schedule(); the runner drops their state.
+    finished_ids: list[str]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self._requests: dict[str, Request] = {}
+        self._waiting: deque[Request] = deque()
+        # Kept sorted by arrival time, so the last entry is always the newest request:
+        # the preemption victim, and the one whose lost work is cheapest to redo.
+        self._running: list[Request] = []
+        self._finished_ids: list[str] = []
+
+    # ----------------------------------------------------------------- requests
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.status is not RequestStatus.WAITING:
+            raise ValueError(f"request {request.request_id!r} added with status {request.status.name}")
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> bool:
+        """Finish a waiting or running request now and free its blocks.
+
+        Returns False if the id is unknown or already finished.
+        """
+        if not status.is_finished:
+            raise ValueError(f"finish_request needs a finished status, got {status.name}")
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+        else:
+            self._waiting.remove(request)
+        self._finish(request, status)
+        return True
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self._requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # ----------------------------------------------------------------- scheduling
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        budget = self._schedule_running(budget, scheduled, preempted)
+        # After a preemption the cache is known to be short; admitting new work now
+        # would only get it preempted next step.
+        if not preempted:
+            self._schedule_waiting(budget, scheduled)
+        finished_ids, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(
+            scheduled=scheduled,
+            preempted_ids=[r.request_id for r in preempted],
+            finished_ids=finished_ids,
+        )
+
+    def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[Request]) -> int:
+        i = 0
+        while i < len(self._running) and budget > 0:
+            request = self._running[i]
+            i += 1
+            remaining = request.num_tokens - request.num_computed_tokens
+            num_new = self._chunk(remaining, budget)
+            if num_new <= 0:
+                continue  # nothing to compute until its sampled token arrives
+            if num_new < remaining and not self.config.enable_chunked_prefill:
+                continue  # an unchunkable prefill waits; later decodes still run
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                break  # it preempted itself, and it was the last one
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+        return budget
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
+        """Allocate for a running request, preempting newest-first until it fits.
+
+        Victims come from the tail of the running list, which this step has not
+        scheduled yet, so nothing already in the output is ever taken back.
+        """
+        while not self.kv_cache.allocate(request, num_new):
+            victim = self._running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        # Front of the queue: it was admitted before anything still waiting.
+        self._waiting.appendleft(request)
+        logger.debug(
+            "preempted request %s (preemption #%d, cache usage %.0f%%)",
+            request.request_id,
+            request.num_preemptions,
+            100 * self.kv_cache.usage,
+        )
+
+    def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
+        while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+            request = self._waiting[0]
+            reason = self._rejection_reason(request)
+            if reason is not None:
+                self._waiting.popleft()
+                request.finish_reason_detail = reason
+                logger.warning("aborting request %s: %s", request.request_id, reason)
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                continue
+            computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+            remaining = request.num_tokens - num_cached
+            num_new = self._chunk(remaining, budget)
+            if num_new < remaining and not self.config.enable_chunked_prefill:
+                return  # FIFO: nothing behind it may overtake
+            request.num_computed_tokens = num_cached
+            if not self.kv_cache.allocate(request, num_new, computed_blocks):
+                request.num_computed_tokens = 0
+                return
+            self._waiting.popleft()
+            self._admit(request, num_cached)
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+    def _admit(self, request: Request, num_cached: int) -> None:
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = num_cached
+        request.status = RequestStatus.RUNNING
+        bisect.insort(self._running, request, key=lambda r: r.arrival_time)
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        num_new = min(remaining, budget)
+        if self.config.enable_chunked_prefill and self.config.long_prefill_token_threshold > 0:
+            num_new = min(num_new, self.config.long_prefill_token_threshold)
+        return num_new
+
+    def _rejection_reason(self, request: Request) -> str | None:
+        """Why the request can never be scheduled, or None if it can."""
+        if request.num_prompt_tokens > self.config.max_model_len:
+            return (
+                f"prompt has {request.num_prompt_tokens} tokens, "
+                f"more than max_model_len={self.config.max_model_len}"
+            )
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and request.num_tokens > budget:
+            return (
+                f"needs {request.num_tokens} tokens in one step with chunked prefill off, "
+                f"more than max_num_batched_tokens={budget}"
+            )
+        # Counts output tokens too: a preempted request must recompute all of them.
+        needed = self.kv_cache.num_blocks_needed(request.num_tokens)
+        if needed > self.kv_cache.num_blocks:
+            return (
+                f"needs {needed} KV blocks for {request.num_tokens} tokens, "
+                f"but the cache has only {self.kv_cache.num_blocks}"
+            )
+        return None
+
+    # ----------------------------------------------------------------- results
+
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance the scheduled requests by one step; returns those finished by it."""
+        finished: list[Request] = []
+        for item in output.scheduled:
+            request = item.request
+            if request.status is not RequestStatus.RUNNING:
+                continue  # aborted or stopped between schedule() and now
+            request.num_computed_tokens += item.num_new_tokens
+            self.kv_cache.cache_full_blocks(request)
+            if not item.samples:
+                continue
+            token = sampled.get(request.request_id)
+            if token is None:
+                logger.warning("request %s was due a sampled token but got none", request.request_id)
+                continue
+            request.output_token_ids.append(token)
+            status = self._stop_status(request, token)
+            if status is not None:
+                self._running.remove(request)
+                self._finish(request, status)
+                finished.append(request)
+        return finished
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= (params.min_tokens or 0):
+            if token in (params.stop_token_ids or ()):
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and request.eos_token_id is not None and token == request.eos_token_id:
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """Free a request already taken out of the waiting/running queues."""
+        self.kv_cache.free(request)
+        request.status = status
+        del self._requests[request.request_id]
+        self._finished_ids.append(request.request_id)
