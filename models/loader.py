@@ -27,12 +27,17 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
 class LoadedModel:
     model: nn.Module
     config: Any
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | None  # None for a model built in memory (random weights)
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def name(self) -> str:
+        return self.checkpoint.display if self.checkpoint else type(self.model).__name__
+
     def tokenizer(self) -> Any:
-        return load_tokenizer(self.checkpoint)
+        """The checkpoint's tokenizer; None for in-memory models (prompts must then be token ids)."""
+        return load_tokenizer(self.checkpoint) if self.checkpoint else None
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: Any) -> torch.dtype:

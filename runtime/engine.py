@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from models.default import default_model_path
-from models.loader import load_model
+from models.loader import LoadedModel, load_model
 from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.kv_cache import KVCacheManager
@@ -39,7 +39,7 @@ _CPU_KV_CAP = 4 * GiB
 class _Sequence:
     """One of a request's n completions: a scheduler request plus its detokenizer."""
     request: Request
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None
     output: CompletionOutput
     generator: torch.Generator | None
 
@@ -54,16 +54,21 @@ class _Parent:
     finished: bool = False
 
     def to_output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [s.output for s in self.sequences], self.finished, self.metrics)
+        """A snapshot: the engine keeps appending to its own copies after this returns."""
+        outputs = [replace(s.output, token_ids=list(s.output.token_ids),
+                           logprobs=None if s.output.logprobs is None else list(s.output.logprobs))
+                   for s in self.sequences]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
+                             replace(self.metrics))
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        """``loaded`` reuses an already loaded model (tests, benchmarks); else ``config.model`` is loaded."""
         self.config = config
         current_platform.configure_process()
         current_platform.manual_seed(config.seed)
-        loaded = load_model(config.model or default_model_path(), config.dtype, config.device)
+        loaded = loaded or load_model(config.model or default_model_path(), config.dtype, config.device)
         self.model, self.model_config = loaded.model, loaded.config
         self.tokenizer = loaded.tokenizer()
         self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 4096)
@@ -115,7 +120,9 @@ class EngineCore:
         if request_id in self._parents:
             raise ValueError(f"duplicate request id {request_id!r}")
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if text is not None and self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompts as token ids")
+        ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -127,9 +134,9 @@ class EngineCore:
         for i in range(params.n):
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seed = None if params.seed is None else params.seed + i
-            req = Request(sub_id, ids, params, eos_token_id=self.tokenizer.eos_token_id)
-            detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
-                                           params.skip_special_tokens)
+            req = Request(sub_id, ids, params, eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
+            detok = (IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
+                                            params.skip_special_tokens) if self.tokenizer is not None else None)
             gen = make_generator(seed, self.runner.device) if seed is not None else None
             seq = _Sequence(req, detok, CompletionOutput(i, "", [], None, [] if params.logprobs is not None else None),
                             gen)
@@ -180,8 +187,10 @@ class EngineCore:
         seq.output.token_ids.append(token)
         if seq.output.logprobs is not None and logprob is not None:
             seq.output.logprobs.append(logprob)
-        _, hit_stop = seq.detok.add_token(token)
-        seq.output.text = seq.detok.text
+        hit_stop = False
+        if seq.detok is not None:
+            _, hit_stop = seq.detok.add_token(token)
+            seq.output.text = seq.detok.text
         if hit_stop and not finished:
             self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_STOPPED)
             finished = True
@@ -214,10 +223,15 @@ class EngineCore:
 class LLM:
     """Offline batch generation; ``LLM(model=None)`` loads the embedded SmolLM2."""
 
-    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        self.engine = EngineCore(EngineConfig.from_kwargs(model=model, **engine_args))
+    def __init__(self, model: str | None = None, *, _loaded: LoadedModel | None = None, **engine_args: Any) -> None:
+        self.engine = EngineCore(EngineConfig.from_kwargs(model=model, **engine_args), _loaded)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, **engine_args: Any) -> "LLM":
+        """An engine around a model already in memory (skips loading the checkpoint again)."""
+        return cls(loaded.name, _loaded=loaded, **engine_args)
 
     def generate(self, prompts: str | Sequence[str] | Sequence[list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -143,16 +143,21 @@ class Scheduler:
         )
 
     def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[Request]) -> int:
+        # With chunked prefill off a request is only admitted with its whole prompt, so a
+        # running request never has a prefill left that could need to wait here.
+        # A prefill chunk leaves budget for the decodes behind it, so an older request's long
+        # (re)prefill never starves the running decodes.
+        remaining_of = [r.num_tokens - r.num_computed_tokens for r in self._running]
+        decodes_after = [sum(1 for rem in remaining_of[j + 1:] if rem == 1) for j in range(len(remaining_of))]
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
-            i += 1
             remaining = request.num_tokens - request.num_computed_tokens
-            num_new = self._chunk(remaining, budget)
+            reserve = decodes_after[i] if i < len(decodes_after) and remaining > 1 else 0
+            i += 1
+            num_new = self._chunk(remaining, budget - reserve)
             if num_new <= 0:
                 continue  # nothing to compute until its sampled token arrives
-            if num_new < remaining and not self.config.enable_chunked_prefill:
-                continue  # an unchunkable prefill waits; later decodes still run
             if not self._allocate_or_preempt(request, num_new, preempted):
                 break  # it preempted itself, and it was the last one
             scheduled.append(ScheduledRequest(request, num_new))

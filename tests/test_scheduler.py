@@ -7,6 +7,7 @@ it was batched or preempted.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -58,11 +59,16 @@ def step(sched: Scheduler) -> tuple[SchedulerOutput, list[Request]]:
     return out, sched.update_from_output(out, fake_sample(out))
 
 
-def run_to_completion(sched: Scheduler, max_steps: int = 500) -> list[SchedulerOutput]:
-    outputs = []
-    while sched.has_unfinished_requests():
-        assert len(outputs) < max_steps, "scheduler made no progress"
-        outputs.append(step(sched)[0])
+def steps_until_done(sched: Scheduler, max_steps: int = 500) -> Iterator[tuple[SchedulerOutput, list[Request]]]:
+    for _ in range(max_steps):
+        if not sched.has_unfinished_requests():
+            return
+        yield step(sched)
+    raise AssertionError(f"requests still unfinished after {max_steps} steps")
+
+
+def run_to_completion(sched: Scheduler) -> list[SchedulerOutput]:
+    outputs = [out for out, _ in steps_until_done(sched)]
     assert sched.kv_cache.num_used_blocks == 0
     return outputs
 
@@ -92,7 +98,9 @@ def test_chunked_prefill_runs_alongside_decodes() -> None:
     b = make_request("b", 40, arrival=1, max_tokens=2)
     sched.add_request(b)
     b_chunks = []
-    while b.num_output_tokens == 0:
+    for _ in range(10):
+        if b.num_output_tokens:
+            break
         before = a.num_output_tokens
         out, _ = step(sched)
         by_id = {s.request.request_id: s for s in out.scheduled}
@@ -188,6 +196,21 @@ def test_request_that_cannot_grow_preempts_itself() -> None:
     assert sum(r.num_preemptions for r in reqs) >= 1
 
 
+def test_victim_is_latest_arrival_not_latest_admission() -> None:
+    sched = make_scheduler(num_blocks=3)
+    new = make_request("new", 4, arrival=5.0, max_tokens=6)
+    old = make_request("old", 8, arrival=1.0, max_tokens=4)
+    sched.add_request(new)  # admitted first, but arrived last
+    sched.add_request(old)
+    step(sched)
+    out, _ = step(sched)  # old's 9th token needs a 3rd block; none are free
+    assert out.preempted_ids == ["new"]
+    assert [s.request.request_id for s in out.scheduled] == ["old"]
+    run_to_completion(sched)
+    assert new.output_token_ids == expected_outputs(6)
+    assert old.output_token_ids == expected_outputs(4)
+
+
 def test_preempted_request_goes_to_the_front_of_the_queue() -> None:
     sched = make_scheduler(num_blocks=4, max_num_batched_tokens=64)
     a = make_request("a", 4, arrival=0, max_tokens=10)
@@ -201,8 +224,7 @@ def test_preempted_request_goes_to_the_front_of_the_queue() -> None:
     assert out.preempted_ids == ["b"]
     assert "late" not in {s.request.request_id for s in out.scheduled}  # no admissions after a preemption
     admitted = []
-    while sched.has_unfinished_requests():
-        out, _ = step(sched)
+    for out, _ in steps_until_done(sched):
         admitted += [s.request.request_id for s in out.scheduled if s.request.request_id != "a"]
     assert admitted.index("b") < admitted.index("late")
     assert sched.kv_cache.num_used_blocks == 0
@@ -302,14 +324,27 @@ def test_overlong_and_oversized_prompts_are_aborted_with_reason() -> None:
     run_to_completion(sched)
 
 
+def test_request_outgrowing_the_whole_cache_is_aborted_not_retried_forever() -> None:
+    sched = make_scheduler(num_blocks=2)
+    a = make_request("a", 4, arrival=0, max_tokens=10)
+    sched.add_request(a)
+    for _ in steps_until_done(sched):
+        pass
+    # Its 9th token needed a 3rd block: it preempted itself, then could never come back.
+    assert a.num_preemptions == 1
+    assert a.output_token_ids == expected_outputs(5)
+    assert a.status is RequestStatus.FINISHED_ABORTED
+    assert "KV blocks" in a.finish_reason_detail
+    assert sched.kv_cache.num_used_blocks == 0
+
+
 def test_max_num_seqs_is_respected() -> None:
     sched = make_scheduler(max_num_seqs=2)
     reqs = [make_request(f"r{i}", 5, arrival=i, max_tokens=3) for i in range(5)]
     for r in reqs:
         sched.add_request(r)
     max_seen = 0
-    while sched.has_unfinished_requests():
-        out, _ = step(sched)
+    for out, _ in steps_until_done(sched):
         assert sched.num_running <= 2
         max_seen = max(max_seen, len(out.scheduled))
     assert max_seen == 2
@@ -344,3 +379,20 @@ def test_duplicate_request_id_is_rejected() -> None:
     sched.add_request(make_request("a", 4))
     with pytest.raises(ValueError):
         sched.add_request(make_request("a", 4))
+
+
+def test_older_long_prefill_does_not_starve_newer_decodes() -> None:
+    """A preempted, older request re-prefilling a long prompt leaves budget for every decode."""
+    sched = make_scheduler(num_blocks=200, max_num_batched_tokens=16)
+    for i in range(4):
+        sched.add_request(make_request(f"d{i}", 3, arrival=1.0 + i, max_tokens=50))
+    step(sched)  # all four prefilled (12 tokens)
+    sched.add_request(make_request("old", 100, arrival=0.0, max_tokens=2))
+    for _ in range(10):
+        out, _ = step(sched)
+        ids = {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+        assert all(ids.get(f"d{i}") == 1 for i in range(4)), f"a decode was starved: {ids}"
+        assert out.num_batched_tokens <= 16
+    # Arriving first, "old" ran first in the running order and still finished on the leftover budget.
+    assert sched.get_request("old") is None
+    assert sched.kv_cache.num_used_blocks > 0  # only the decodes' blocks remain

@@ -6,7 +6,9 @@ piecewise graphs, the output buffer is allocated by the preceding piece and keep
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -15,6 +17,8 @@ from runtime.forward_context import get_forward_context
 from runtime.platforms import current_platform
 
 ATTENTION_OP = "graphmode::attention"
+# Forces a backend for every platform (e.g. "torch" to compare against the reference on a GPU).
+BACKEND_ENV = "GRAPHMODE_ATTENTION_BACKEND"
 
 _BACKENDS = {
     "torch": "runtime.attention.torch_backend",
@@ -24,7 +28,11 @@ _BACKENDS = {
 
 def attention_backend(name: str | None = None) -> ModuleType:
     """The module providing ``store_kv`` and ``paged_attention`` for this platform."""
-    name = name or current_platform.attention_backend
+    return _backend_module(name or os.environ.get(BACKEND_ENV) or current_platform.attention_backend)
+
+
+@functools.cache
+def _backend_module(name: str) -> ModuleType:
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
     return importlib.import_module(_BACKENDS[name])

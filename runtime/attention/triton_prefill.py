@@ -16,6 +16,36 @@ from runtime.attention.triton_decode import _LOG2E, _NO_WINDOW, dot_precision
 
 
 @triton.jit
+def _attend_tile(acc, l_i, m_i, q, kv_head, bt_row, n0, kv_hi, q_pos, window, scale_log2,
+                 offs_n, offs_d, d_mask, stride_kv, stride_kb, stride_ko, stride_kd,
+                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pos = n0 + offs_n
+    if MASKED:
+        n_mask = pos < kv_hi
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+    else:
+        # Interior tiles lie wholly inside the sequence: no row mask, so loads vectorise.
+        blk = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
+        kv_mask = d_mask[None, :]
+    tok = blk * stride_kb + (pos % BLOCK_SIZE) * stride_ko
+    kv_off = tok[:, None] + offs_d[None, :] * stride_kd
+    k = tl.load(kv_head + kv_off, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        visible = (n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+                   & (pos[None, :] > q_pos[:, None] - window))
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(kv_head + stride_kv + kv_off, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
     max_blocks, scale_log2, window,
@@ -52,10 +82,15 @@ def _prefill_kernel(
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
-    # Keys this tile can see: from the window start of its first query to its last query.
+    # Keys the tile can see span [kv_lo, kv_hi). Those in [full_lo, full_hi) are visible to
+    # every row, so their tiles skip the causal/window masks; only the edges pay for them.
     first_pos = context_len + tile * BLOCK_Q
     kv_hi = context_len + tl.minimum((tile + 1) * BLOCK_Q, q_len)
     kv_lo = tl.maximum(first_pos - window + 1, 0)
+    full_lo = tl.maximum(kv_hi - window, 0)
+    full_hi = first_pos + 1
+    a_end = tl.minimum(kv_lo + tl.cdiv(full_lo - kv_lo, BLOCK_N) * BLOCK_N, kv_hi)
+    b_end = a_end + tl.maximum(full_hi - a_end, 0) // BLOCK_N * BLOCK_N
 
     # Finite initial max: rows whose keys are all masked in a tile stay NaN-free.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -63,25 +98,18 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     kv_head = kv_ptr + kvh * stride_kh
-    for n0 in range(kv_lo, kv_hi, BLOCK_N):
-        pos = n0 + offs_n
-        n_mask = pos < kv_hi
-        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        tok = blk * stride_kb + (pos % BLOCK_SIZE) * stride_ko
-        kv_off = tok[:, None] + offs_d[None, :] * stride_kd
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(kv_head + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
-        visible = (n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
-                   & (pos[None, :] > q_pos[:, None] - window))
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(kv_head + stride_kv + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+    for n0 in range(kv_lo, a_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kv_head, bt_row, n0, kv_hi, q_pos, window, scale_log2,
+                                     offs_n, offs_d, d_mask, stride_kv, stride_kb, stride_ko, stride_kd,
+                                     BLOCK_SIZE, True, DOT_PRECISION)
+    for n0 in range(a_end, b_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kv_head, bt_row, n0, kv_hi, q_pos, window, scale_log2,
+                                     offs_n, offs_d, d_mask, stride_kv, stride_kb, stride_ko, stride_kd,
+                                     BLOCK_SIZE, False, DOT_PRECISION)
+    for n0 in range(b_end, kv_hi, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kv_head, bt_row, n0, kv_hi, q_pos, window, scale_log2,
+                                     offs_n, offs_d, d_mask, stride_kv, stride_kb, stride_ko, stride_kd,
+                                     BLOCK_SIZE, True, DOT_PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
@@ -115,5 +143,5 @@ def paged_prefill(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=4 if block_d <= 64 else 8, num_stages=2,
+        num_warps=4 if block_d <= 128 else 8, num_stages=2,
     )

@@ -40,6 +40,9 @@ class Platform:
         """One-time, per-process settings (threads and the like) before a model runs."""
         return None
 
+    def device_name(self) -> str:
+        return self.name
+
     def memory_info(self) -> MemoryInfo:
         raise NotImplementedError
 

@@ -44,6 +44,11 @@ class CpuPlatform(Platform):
         # CPUs run half-precision matmuls slowly and inexactly; fp32 is the useful default here.
         return torch.float32
 
+    def device_name(self) -> str:
+        import platform
+
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
     def memory_info(self) -> MemoryInfo:
         total = _meminfo_bytes("MemTotal")
         free = _meminfo_bytes("MemAvailable")

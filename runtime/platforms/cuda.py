@@ -28,6 +28,9 @@ class CudaPlatform(Platform):
             return checkpoint_dtype
         return torch.bfloat16
 
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name()
+
     def memory_info(self) -> MemoryInfo:
         free, total = torch.cuda.mem_get_info()
         return MemoryInfo(free_bytes=free, total_bytes=total)

@@ -204,6 +204,14 @@ def test_mixed_batch(heads, dtype, sliding_window):
     _run_and_check(*batch, sliding_window=sliding_window)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 150])
+@pytest.mark.parametrize("heads", [(8, 2, 64), (9, 3, 64)], ids=lambda h: f"h{h[0]}kv{h[1]}d{h[2]}")
+def test_prefill_long_prefix(heads, sliding_window):
+    # Long histories give query tiles unmasked interior KV tiles between the masked edges.
+    batch = _build_batch([40, 1, 130], [300, 290, 130], *heads, DTYPES[0], seed=13)
+    _run_and_check(*batch, sliding_window=sliding_window)
+
+
 HEAD_DIMS = [80, 96] if INTERPRET else [32, 80, 96, 256]
 
 

@@ -1,0 +1,162 @@
+"""``AsyncEngine``: the engine core on a background thread, with one async stream per request.
+
+The HTTP event loop never runs model code: requests and aborts go to the engine thread through a
+queue, and outputs come back through ``loop.call_soon_threadsafe`` into per-request asyncio queues.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from runtime.engine import EngineCore
+from runtime.outputs import RequestOutput
+from runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    kv_used_blocks: int
+    kv_total_blocks: int
+    prefix_cache_hit_rate: float
+    num_steps: int
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = threading.Event()
+        self._dead: BaseException | None = None
+        # Guards ``_closed``: once the loop's final drain has run, nothing may enter the inbox.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="graphmode-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the HTTP side ---------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt: str | list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request until it finishes; leaving early aborts it."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self._closed or self._stop.is_set():
+                raise EngineDeadError(f"the engine loop has stopped{f': {self._dead}' if self._dead else ''}")
+            self._inbox.put(("add", request_id, prompt, params, stream))
+        self._wakeup.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        kv, sched = self.core.kv_cache, self.core.scheduler
+        return EngineStats(sched.num_running, sched.num_waiting, kv.usage, kv.num_used_blocks, kv.num_blocks,
+                           kv.hit_rate, self.core.num_steps)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests still in flight are aborted and their streams closed."""
+        self._stop.set()
+        self._wakeup.set()
+        self._thread.join(timeout)
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if self.core.has_unfinished_requests():
+                    self._step()
+                else:
+                    self._wakeup.wait(_IDLE_WAIT_S)
+                    self._wakeup.clear()
+        except BaseException as e:  # noqa: BLE001 - a dead loop must fail every waiting stream
+            logger.exception("engine loop died")
+            self._dead = e
+        finally:
+            with self._lock:
+                self._closed = True
+            self._drain_inbox()
+            self._abort_all(self._dead or EngineDeadError("the engine is shutting down"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                self._add(*command[1:])
+            elif command[0] == "abort":
+                self._abort(command[1])
+
+    def _add(self, request_id: str, prompt, params: SamplingParams, stream: _Stream) -> None:
+        if self._stop.is_set():
+            stream.put(EngineDeadError("the engine is shutting down"))
+            return
+        try:
+            self.core.add_request(request_id, prompt, params)
+        except ValueError as e:
+            stream.put(e)
+            return
+        self._streams[request_id] = stream
+
+    def _abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.core.abort_request(request_id)
+
+    def _step(self) -> None:
+        for out in self.core.step():
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+
+    def _abort_all(self, error: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.core.abort_request(request_id)
+            stream.put(error)
+        self._streams.clear()

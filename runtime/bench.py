@@ -1,0 +1,153 @@
+"""`python -m runtime.bench latency|throughput`: the harness behind every performance claim.
+
+latency:    per-step decode latency at given batch sizes and context length (prefill excluded).
+throughput: offline generation of N requests with fixed input/output lengths.
+Prints a table and, with --json, writes the numbers to a file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from runtime.engine import LLM
+from runtime.platforms import current_platform
+from runtime.sampling_params import SamplingParams
+
+RANDOM_1B = "random-1b"
+
+
+def _load(args: argparse.Namespace):
+    from models.loader import LoadedModel, load_model, resolve_dtype
+    from models.testing import build_random_model, llama_1b_config
+
+    if args.model == RANDOM_1B:
+        config = llama_1b_config()
+        dtype = resolve_dtype(args.dtype, config)
+        device = current_platform.device()
+        return LoadedModel(build_random_model(config, dtype, device), config, None, dtype, device)
+    from models.default import default_model_path
+
+    return load_model(args.model or default_model_path(), args.dtype)
+
+
+def _engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: int) -> LLM:
+    return LLM.from_loaded(loaded, max_num_seqs=max_num_seqs, max_model_len=max_len,
+                           max_num_batched_tokens=max(args.max_num_batched_tokens, max_len),
+                           enable_prefix_caching=False, **_kv_args(args))
+
+
+def _kv_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"kv_cache_memory_gb": args.kv_cache_memory_gb} if args.kv_cache_memory_gb else {}
+
+
+def _prompt(vocab: int, length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 1, (length,), generator=g).tolist()
+
+
+def bench_latency(loaded, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    vocab = loaded.config.vocab_size
+    for batch in args.batch_sizes:
+        llm = _engine(loaded, args, batch, args.context + args.steps + args.warmup + 8)
+        core = llm.engine
+        params = SamplingParams(temperature=0.0, max_tokens=args.steps + args.warmup + 1, ignore_eos=True)
+        for i in range(batch):
+            core.add_request(f"b{i}", _prompt(vocab, args.context, i), params)
+        decoding: set[str] = set()
+        while len(decoding) < batch:  # prefill (possibly chunked) until every request decodes
+            decoding.update(out.request_id for out in core.step())
+        for _ in range(args.warmup):
+            core.step()
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            core.step()
+            times.append(time.perf_counter() - start)
+        for i in range(batch):
+            core.abort_request(f"b{i}")
+        rows.append({"batch": batch, "context": args.context, "mean_ms": 1e3 * statistics.mean(times),
+                     "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "steps": args.steps})
+        del llm, core
+        current_platform.empty_cache()
+    return rows
+
+
+def bench_throughput(loaded, args: argparse.Namespace) -> list[dict[str, Any]]:
+    llm = _engine(loaded, args, args.max_num_seqs, args.input_len + args.output_len + 8)
+    vocab = loaded.config.vocab_size
+    prompts = [_prompt(vocab, args.input_len, i) for i in range(args.num_requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[: min(4, len(prompts))], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    return [{"requests": len(outs), "input_len": args.input_len, "output_len": args.output_len,
+             "seconds": elapsed, "requests_per_s": len(outs) / elapsed, "output_tokens_per_s": generated / elapsed,
+             "total_tokens_per_s": (generated + args.input_len * len(outs)) / elapsed}]
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    cells = [[f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("latency", "throughput"):
+        s = sub.add_parser(name)
+        s.add_argument("--model", default=None,
+                       help=f"checkpoint dir/.gguf, or '{RANDOM_1B}' for a Llama-3.2-1B-shaped random model "
+                            "(default: the embedded SmolLM2)")
+        s.add_argument("--dtype", default="auto")
+        s.add_argument("--max-num-batched-tokens", type=int, default=4096)
+        s.add_argument("--kv-cache-memory-gb", type=float, default=None)
+        s.add_argument("--json", default=None, help="write results to this file")
+        if name == "latency":
+            s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+            s.add_argument("--context", type=int, default=128, help="prompt tokens per request")
+            s.add_argument("--steps", type=int, default=20, help="timed decode steps")
+            s.add_argument("--warmup", type=int, default=3)
+        else:
+            s.add_argument("--num-requests", type=int, default=64)
+            s.add_argument("--input-len", type=int, default=128)
+            s.add_argument("--output-len", type=int, default=64)
+            s.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    current_platform.configure_process()
+    loaded = _load(args)
+    rows = bench_latency(loaded, args) if args.command == "latency" else bench_throughput(loaded, args)
+    header = {"command": args.command, "model": args.model or "smollm2", "dtype": str(loaded.dtype),
+              "device": current_platform.device_name(), "torch": torch.__version__}
+    print(json.dumps(header))
+    _print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**header, "results": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
