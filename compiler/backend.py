@@ -1,0 +1,95 @@
+"""The Dynamo backend: passes -> split at splitting ops -> compile each piece -> dispatching module.
+
+Dynamo calls ``GraphModeBackend`` once per trace with the traced graph; what it returns is what
+runs from then on. The returned object is the split graph module whose compiled pieces were
+replaced by ``PiecewiseBackend`` callables, so calling it runs the pieces in order with the
+splitting ops (attention) between them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+from torch._guards import detect_fake_mode
+
+from compiler.cache import CompileCache
+from compiler.compile_piece import compile_piece
+from compiler.config import CompilationConfig
+from compiler.counters import counters
+from compiler.dump import GraphDump
+from compiler.piecewise import PiecewiseBackend, find_size_arg
+from compiler.split import Piece, split_graph
+
+logger = logging.getLogger(__name__)
+
+
+class GraphModeBackend:
+    def __init__(self, config: CompilationConfig, tag: str, backend: str, model_source_hash: str,
+                 platform_name: str, pass_manager: Any | None = None) -> None:
+        self.config, self.tag, self.backend = config, tag, backend
+        self.pass_manager = pass_manager
+        pass_uuid = pass_manager.uuid() if pass_manager is not None else "no-passes"
+        self.cache = None
+        if config.cache_dir and backend == "inductor":
+            key = CompileCache.make_global_key(config.code_hash(), pass_uuid, model_source_hash, platform_name)
+            self.cache = CompileCache(config.cache_dir, key)
+        self.dump = GraphDump(config.dump_dir, tag) if config.dump_dir else None
+        self.pieces: list[Piece] = []
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        counters.dynamo_traces += 1
+        start = time.perf_counter()
+        if self.dump:
+            self.dump.write_graph("dynamo", gm, f"{self.tag}: graph traced by Dynamo")
+        split_gm, self.pieces = split_graph(gm, self.config.splitting_ops)
+        compiled = [p for p in self.pieces if not p.is_splitting_op]
+        counters.piecewise_graphs += len(compiled)
+        hits_before, misses_before = counters.cache_hits, counters.cache_misses
+        self._compile_pieces(split_gm, example_inputs)
+        self.timings["compile_s"] = time.perf_counter() - start
+        cache_state = self._cache_state(hits_before, misses_before)
+        logger.info("%s: compiled %d pieces (%d splitting ops) with %s in %.2f s; cache %s", self.tag,
+                    len(compiled), len(self.pieces) - len(compiled), self.backend, self.timings["compile_s"],
+                    cache_state)
+        if self.dump:
+            self.dump.record_pieces(self.pieces)
+            self.dump.set(config=self.config.to_dict(), backend=self.backend, cache=cache_state,
+                          timings_s=dict(self.timings), counters=counters.snapshot())
+            self.dump.flush()
+        return split_gm
+
+    def _cache_state(self, hits_before: int, misses_before: int) -> str:
+        if self.cache is None:
+            return "off"
+        hits, misses = counters.cache_hits - hits_before, counters.cache_misses - misses_before
+        return "hit" if hits and not misses else ("miss" if misses and not hits else f"{hits} hits/{misses} misses")
+
+    def _compile_pieces(self, split_gm: torch.fx.GraphModule, example_inputs: list[Any]) -> None:
+        """Walk the split module on fake inputs; compile each piece with the fake args it receives."""
+        fake_mode = detect_fake_mode(example_inputs)
+        # The fake mode memoises Dynamo's fakes of these tensors, symbolic dims included.
+        fake_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+        by_name = {p.name: p for p in self.pieces}
+        backend = self
+
+        class _Compiler(torch.fx.Interpreter):
+            def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+                piece = by_name[target]
+                output = super().call_module(target, args, kwargs)
+                if not piece.is_splitting_op:
+                    # Instance __dict__ wins over nn.Module's _modules lookup, so the generated code
+                    # calls the compiled piece while the original stays in _modules for dumps.
+                    split_gm.__dict__[target] = backend._compile_one(piece, list(args))
+                return output
+
+        with fake_mode:
+            _Compiler(split_gm).run(*fake_inputs)
+
+    def _compile_one(self, piece: Piece, fake_args: list[Any]) -> PiecewiseBackend:
+        general = compile_piece(piece.module, fake_args, self.backend, self.cache)
+        by_size = {size: compile_piece(piece.module, fake_args, self.backend, self.cache, size)
+                   for size in self.config.compile_sizes} if self.backend == "inductor" else {}
+        return PiecewiseBackend(piece.name, general, by_size, find_size_arg(fake_args))

@@ -1,0 +1,65 @@
+"""Compiling one piece with the configured backend ("eager" or "inductor"), through the compile cache."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from compiler.cache import CompileCache
+from compiler.counters import counters
+
+logger = logging.getLogger(__name__)
+
+
+def concrete_inputs(fake_args: list[Any], size: int) -> list[Any]:
+    """Static-shape stand-ins for ``fake_args`` with every symbolic dim set to ``size``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def concrete(dim: Any) -> int:
+        if isinstance(dim, torch.SymInt):
+            expr = dim.node.expr
+            return int(expr.subs({s: size for s in expr.free_symbols}))
+        return int(dim)
+
+    mode = FakeTensorMode()
+    out = []
+    with mode:
+        for arg in fake_args:
+            if isinstance(arg, torch.Tensor):
+                shape = [concrete(d) for d in arg.shape]
+                stride = [concrete(s) for s in arg.stride()]
+                out.append(torch.empty_strided(shape, stride, dtype=arg.dtype, device=arg.device))
+            elif isinstance(arg, torch.SymInt):
+                out.append(concrete(arg))
+            else:
+                out.append(arg)
+    return out
+
+
+def _inductor_compile(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+    # Symbolic example inputs give a dynamic-shape kernel; concrete ones a static one.
+    return torch._inductor.standalone_compile(gm, example_inputs, dynamic_shapes="from_example_inputs")
+
+
+def compile_piece(gm: torch.fx.GraphModule, fake_args: list[Any], backend: str, cache: CompileCache | None,
+                  size: int | None = None) -> Callable:
+    """A callable for ``gm``; ``size`` None means the dynamic-shape compile."""
+    counters.backend_compilations += 1
+    if backend == "eager":
+        return gm
+    if backend != "inductor":
+        raise ValueError(f"unknown compile backend {backend!r} (known: eager, inductor)")
+    example = fake_args if size is None else concrete_inputs(fake_args, size)
+    key = cache.key_for(gm, example, size) if cache is not None else None
+    if key is not None:
+        artifact = cache.load(key)
+        if artifact is not None:
+            counters.cache_hits += 1
+            return artifact
+        counters.cache_misses += 1
+    gm_copy = torch.fx.GraphModule(gm, gm.graph) if size is not None else gm
+    artifact = _inductor_compile(gm_copy, example)
+    if key is not None:
+        cache.save(key, artifact)
+    return artifact

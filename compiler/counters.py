@@ -1,0 +1,30 @@
+"""``counters``: what the compiler did, counted by the real events (tests and dumps read them)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class CompilerCounters:
+    dynamo_traces: int = 0
+    backend_compilations: int = 0  # pieces (or whole graphs) handed to a compile backend
+    piecewise_graphs: int = 0  # compiled pieces produced by splitting
+    graphs_captured: int = 0  # static device graphs captured
+    graph_replays: int = 0
+    eager_fallbacks: int = 0  # steps that ran without a static graph (size above the largest capture)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    pass_matches: Counter = field(default_factory=Counter)  # pass name -> rewritten matches
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, Counter() if f.name == "pass_matches" else 0)
+
+    def snapshot(self) -> dict[str, object]:
+        out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pass_matches"}
+        out["pass_matches"] = dict(self.pass_matches)
+        return out
+
+
+counters = CompilerCounters()

@@ -1,0 +1,138 @@
+"""``@support_torch_compile``: make a plain-PyTorch module class compile itself on first call.
+
+The config comes from the constructor keyword ``compilation_config=``, else the enclosing
+``compiler.use_config(...)`` block, else ``CompilationConfig()``. The first call marks the dynamic
+dims (dim 0 of every tensor argument unless ``dynamic_arg_dims`` says otherwise) and traces once;
+Dynamo's guards are then dropped so every later token count runs the same compiled code with no
+re-trace. ``debug=True`` keeps the guards and turns a would-be recompile into a clear error.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import sys
+import types
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.fx.experimental._config as fx_config
+
+from compiler.backend import GraphModeBackend
+from compiler.config import CompilationConfig, current_config
+from runtime.platforms import current_platform
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=type)
+
+
+class RecompileError(RuntimeError):
+    pass
+
+
+def _source_hash(cls: type) -> str:
+    """Hash of the module file that defines ``cls`` (a model edit must invalidate the cache)."""
+    try:
+        source = inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        source = cls.__qualname__
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _fresh_function(fn: Callable) -> Callable:
+    """A copy of ``fn`` with its own code object: Dynamo caches per code object, and each model
+    instance must keep its own compiled graph (two instances may use different configs)."""
+    code = fn.__code__.replace(co_name=fn.__code__.co_name)
+    assert code is not fn.__code__
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class CompiledForward:
+    """Per-instance compiled forward: traces on first call, then calls the compiled code directly."""
+
+    def __init__(self, module: torch.nn.Module, forward: Callable, config: CompilationConfig,
+                 dynamic_arg_dims: dict[str, int | list[int]] | None, tag: str) -> None:
+        self.config, self.tag = config, tag
+        self.signature = inspect.signature(forward)
+        self.dynamic_arg_dims = dynamic_arg_dims
+        backend_name = config.resolved_backend(current_platform.default_compile_backend)
+        self.backend = GraphModeBackend(config, tag, backend_name, _source_hash(type(module)), current_platform.name,
+                                        _pass_manager(config))
+        options = None if config.debug else {"guard_filter_fn": lambda guards: [False] * len(guards)}
+        self.compiled = torch.compile(_fresh_function(forward), backend=self.backend, fullgraph=True,
+                                      dynamic=False, options=options)
+        self.traced = False
+
+    def _mark_dynamic(self, bound: inspect.BoundArguments) -> None:
+        for name, value in bound.arguments.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if self.dynamic_arg_dims is None:
+                dims = [0]
+            elif name in self.dynamic_arg_dims:
+                spec = self.dynamic_arg_dims[name]
+                dims = [spec] if isinstance(spec, int) else list(spec)
+            else:
+                continue
+            for dim in dims:
+                torch._dynamo.mark_dynamic(value, dim % value.dim())
+
+    def __call__(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.traced:
+            bound = self.signature.bind(module, *args, **kwargs)
+            self._mark_dynamic(bound)
+            # Size-oblivious reasoning keeps a first call with 1 token from specialising the graph to 1.
+            with fx_config.patch(backed_size_oblivious=True):
+                out = self.compiled(module, *args, **kwargs)
+            self.traced = True
+            return out
+        if self.config.debug:
+            try:
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    return self.compiled(module, *args, **kwargs)
+            except torch._dynamo.exc.RecompileError as e:
+                raise RecompileError(
+                    f"{self.tag}: these inputs need a new trace (the compiled graph assumes the first call's "
+                    f"argument structure and dtypes): {str(e).splitlines()[0]}") from None
+        return self.compiled(module, *args, **kwargs)
+
+
+def _pass_manager(config: CompilationConfig) -> Any | None:
+    try:
+        from passes.manager import PassManager
+    except ImportError:
+        return None
+    return PassManager.from_names(config.passes)
+
+
+def support_torch_compile(cls: T | None = None, *, dynamic_arg_dims: dict[str, int | list[int]] | None = None,
+                          enable_if: Callable[[CompilationConfig], bool] | None = None, tag: str = "decoder"):
+    """Class decorator; use bare or with ``dynamic_arg_dims`` / ``enable_if`` / ``tag``."""
+
+    def wrap(klass: T) -> T:
+        original_init, original_forward = klass.__init__, klass.forward
+
+        def __init__(self, *args: Any, compilation_config: CompilationConfig | None = None, **kwargs: Any) -> None:
+            original_init(self, *args, **kwargs)
+            config = compilation_config or current_config() or CompilationConfig()
+            enabled = config.mode == "compile" and (enable_if is None or enable_if(config))
+            # Stored outside nn.Module's attribute machinery: it is not a submodule.
+            object.__setattr__(self, "_compiled_forward",
+                               CompiledForward(self, original_forward, config, dynamic_arg_dims, tag)
+                               if enabled else None)
+            object.__setattr__(self, "compilation_config", config)
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            compiled = self._compiled_forward
+            if compiled is None or torch.compiler.is_compiling():
+                return original_forward(self, *args, **kwargs)
+            return compiled(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(original_forward)  # type: ignore[attr-defined]
+        klass.__init__ = __init__
+        klass.forward = forward
+        klass.original_forward = original_forward
+        return klass
+
+    return wrap(cls) if cls is not None else wrap
