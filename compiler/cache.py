@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -22,6 +23,15 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.SymInt):
         return "SymInt"
     return repr(value)
+
+
+_SYMBOL = re.compile(r"\bs\d+\b")
+
+
+def _canonical_symbols(text: str) -> str:
+    """Replace shape symbols (s72, s11, ...) by one name. Their numbers, and which of two equal
+    symbols Dynamo keeps, differ between processes; every symbol here is the token count anyway."""
+    return _SYMBOL.sub("S", text)
 
 
 class CompileCache:
@@ -39,7 +49,7 @@ class CompileCache:
 
     def key_for(self, gm: torch.fx.GraphModule, example_inputs: list[Any], size: int | None) -> str:
         text = gm.code + "|" + ";".join(_describe(x) for x in example_inputs) + f"|size={size}"
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
+        return hashlib.sha256(_canonical_symbols(text).encode()).hexdigest()[:24]
 
     def _path(self, key: str) -> str:
         return os.path.join(self.directory, f"{key}.bin")

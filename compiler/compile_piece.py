@@ -37,14 +37,38 @@ def concrete_inputs(fake_args: list[Any], size: int) -> list[Any]:
     return out
 
 
-def _inductor_compile(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-    # Symbolic example inputs give a dynamic-shape kernel; concrete ones a static one.
-    return torch._inductor.standalone_compile(gm, example_inputs, dynamic_shapes="from_example_inputs")
+def _inductor_compile(gm: torch.fx.GraphModule, example_inputs: list[Any], static: bool) -> Any:
+    # The dynamic compile takes its symbols from Dynamo's tracing context (we run inside the backend
+    # call); a per-size compile gets concrete example inputs.
+    shapes = "from_example_inputs" if static else "from_tracing_context"
+    return torch._inductor.standalone_compile(gm, example_inputs, dynamic_shapes=shapes)
+
+
+def _returns_single_value(gm: torch.fx.GraphModule) -> bool:
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return not isinstance(output.args[0], (tuple, list))
+
+
+def _unwrap_single(fn: Callable) -> Callable:
+    """A loaded Inductor artefact returns a sequence where a fresh compile returns the bare value;
+    the split module expects the bare value."""
+
+    def call(*args: Any) -> Any:
+        out = fn(*args)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    return call
 
 
 def compile_piece(gm: torch.fx.GraphModule, fake_args: list[Any], backend: str, cache: CompileCache | None,
                   size: int | None = None) -> Callable:
     """A callable for ``gm``; ``size`` None means the dynamic-shape compile."""
+    fn = _compile(gm, fake_args, backend, cache, size)
+    return _unwrap_single(fn) if backend != "eager" and _returns_single_value(gm) else fn
+
+
+def _compile(gm: torch.fx.GraphModule, fake_args: list[Any], backend: str, cache: CompileCache | None,
+             size: int | None) -> Callable:
     counters.backend_compilations += 1
     if backend == "eager":
         return gm
@@ -59,7 +83,7 @@ def compile_piece(gm: torch.fx.GraphModule, fake_args: list[Any], backend: str, 
             return artifact
         counters.cache_misses += 1
     gm_copy = torch.fx.GraphModule(gm, gm.graph) if size is not None else gm
-    artifact = _inductor_compile(gm_copy, example)
+    artifact = _inductor_compile(gm_copy, example, static=size is not None)
     if key is not None:
         cache.save(key, artifact)
     return artifact

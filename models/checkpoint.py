@@ -51,11 +51,18 @@ def load_config(ckpt: Checkpoint) -> Any:
         raise CheckpointError(f"{ckpt.display}: cannot read config: {str(e).splitlines()[0]}") from e
 
 
-def load_tokenizer(ckpt: Checkpoint) -> Any:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(ckpt: Checkpoint) -> Any | None:
+    """The checkpoint's tokenizer, or None when it ships none (prompts must then be token ids)."""
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
-    return AutoTokenizer.from_pretrained(ckpt.directory, **kwargs)
+    if ckpt.gguf_file:
+        return AutoTokenizer.from_pretrained(ckpt.directory, gguf_file=ckpt.gguf_file)
+    if not any(os.path.isfile(os.path.join(ckpt.directory, f)) for f in _TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(ckpt.directory)
 
 
 def _safetensors_files(directory: str) -> list[str]:

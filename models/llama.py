@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compiler import support_torch_compile
 from models.config_utils import head_dim, layer_sliding_window, rope_settings
 from models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
 from models.weights import StackedWeights
@@ -39,6 +40,7 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class DecoderModel(nn.Module):
     def __init__(self, config: Any, make_mlp, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compiler import CompilationConfig, use_config
 from models.checkpoint import Checkpoint, CheckpointError, iter_weights, load_config, load_tokenizer, resolve_checkpoint
 from models.registry import resolve_model_class
 from models.weights import StackedWeights
@@ -64,10 +65,15 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_model(config: Any, dtype: torch.dtype, device: torch.device | str, init: bool = True) -> nn.Module:
-    """Instantiate our class for ``config``; ``init=False`` leaves weights uninitialised (to be loaded)."""
+def build_model(config: Any, dtype: torch.dtype, device: torch.device | str, init: bool = True,
+                compilation_config: CompilationConfig | None = None) -> nn.Module:
+    """Instantiate our class for ``config``; ``init=False`` leaves weights uninitialised (to be loaded).
+
+    ``compilation_config`` reaches every ``@support_torch_compile`` module built inside.
+    """
     cls = resolve_model_class(config)
-    with default_dtype(dtype), torch.device("meta" if not init else device):
+    with default_dtype(dtype), torch.device("meta" if not init else device), \
+            use_config(compilation_config or CompilationConfig()):
         model = cls(config)
     if not init:
         model = model.to_empty(device=device)
@@ -103,14 +109,15 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, st
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
 
-def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> LoadedModel:
+def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+               compilation_config: CompilationConfig | None = None) -> LoadedModel:
     """Load a checkpoint directory or GGUF file into our implementation of its architecture."""
     ckpt = resolve_checkpoint(path)
     config = load_config(ckpt)
     torch_dtype = resolve_dtype(dtype, config)
     device = torch.device(device) if device is not None else current_platform.device()
     start = time.perf_counter()
-    model = build_model(config, torch_dtype, device, init=False)
+    model = build_model(config, torch_dtype, device, init=False, compilation_config=compilation_config)
     weights = tqdm(iter_weights(ckpt, config), desc="Loading weights", unit="tensor", leave=False)
     load_weights(model, weights)
     logger.info("loaded %s (%s) as %s on %s in %.1f s", ckpt.display, type(model).__name__,

@@ -69,12 +69,13 @@ def llama_1b_config() -> Any:
     return config
 
 
-def build_random_model(config: Any, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> nn.Module:
+def build_random_model(config: Any, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
+                       compilation_config: Any = None) -> nn.Module:
     """Our model for ``config`` with small random weights (for benchmarks: no checkpoint needed)."""
     from models.loader import build_model
 
     torch.manual_seed(seed)
-    model = build_model(config, dtype, device, init=True)
+    model = build_model(config, dtype, device, init=True, compilation_config=compilation_config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:

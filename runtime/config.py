@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from compiler.config import CompilationConfig
+
 
 @dataclass
 class EngineConfig:
@@ -20,8 +22,16 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
+    # CompilationConfig, or its dict / JSON form (the CLI passes --compilation-config '{...}').
+    compilation_config: CompilationConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.compilation_config, str):
+            self.compilation_config = CompilationConfig.from_json(self.compilation_config)
+        elif isinstance(self.compilation_config, dict):
+            self.compilation_config = CompilationConfig.from_dict(self.compilation_config)
+        elif self.compilation_config is None:
+            self.compilation_config = CompilationConfig()
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -68,7 +68,8 @@ class EngineCore:
         self.config = config
         current_platform.configure_process()
         current_platform.manual_seed(config.seed)
-        loaded = loaded or load_model(config.model or default_model_path(), config.dtype, config.device)
+        loaded = loaded or load_model(config.model or default_model_path(), config.dtype, config.device,
+                                      config.compilation_config)
         self.model, self.model_config = loaded.model, loaded.config
         self.tokenizer = loaded.tokenizer()
         self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 4096)
@@ -80,6 +81,7 @@ class EngineCore:
             max_model_len=self.max_model_len, block_size=config.block_size, dtype=loaded.dtype,
             device=loaded.device, vocab_size=self.model_config.vocab_size)
         num_blocks = self._num_kv_blocks()
+        self.runner.warmup()  # compiles (one trace) before the first request, not during it
         self.runner.allocate_kv_cache(num_blocks)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(

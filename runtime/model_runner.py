@@ -55,28 +55,34 @@ class ModelRunner:
         return kv_bytes_per_block(self.model, self.block_size, self.dtype)
 
     @torch.inference_mode()
-    def profile_peak_bytes(self) -> int:
-        """Peak activation memory of a dummy step at the full token budget (no KV writes)."""
-        tokens = self.max_num_tokens
-        seq_len = min(self.max_model_len, tokens)
-        lens = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
+    def dummy_run(self, num_tokens: int) -> None:
+        """A forward over ``num_tokens`` tokens that writes no KV (slots -1, a one-block dummy cache)."""
+        seq_len = min(self.max_model_len, num_tokens)
+        lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         lens = lens[: self.max_num_seqs]
         dummy_kv = allocate_kv_caches(self.model, 1, self.block_size, self.dtype, self.device)
         md = AttentionMetadata.build(lens, lens, [[0] * self.max_blocks_per_seq for _ in lens], self.block_size,
                                      self.device)
         md.slot_mapping.fill_(-1)
-        current_platform.synchronize()
-        current_platform.reset_peak_memory()
-        before = current_platform.peak_memory_bytes()
         n = sum(lens)
         with set_forward_context(md, dummy_kv):
             hidden = self.model(self.buffers.input_ids[:n], self.buffers.positions[:n])
             self.model.compute_logits(hidden[: len(lens)])
+
+    def profile_peak_bytes(self) -> int:
+        """Peak activation memory of a dummy step at the full token budget."""
+        current_platform.synchronize()
+        current_platform.reset_peak_memory()
+        before = current_platform.peak_memory_bytes()
+        self.dummy_run(self.max_num_tokens)
         current_platform.synchronize()
         peak = current_platform.peak_memory_bytes() - before
-        del dummy_kv, hidden
         current_platform.empty_cache()
         return peak
+
+    def warmup(self) -> None:
+        """Run the model once so compilation (a single trace) happens at start-up."""
+        self.dummy_run(min(self.max_num_tokens, 16))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size, self.dtype, self.device)
