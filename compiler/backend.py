@@ -38,6 +38,7 @@ class GraphModeBackend:
         self.dump = GraphDump(config.dump_dir, tag) if config.dump_dir else None
         self.pieces: list[Piece] = []
         self.timings: dict[str, float] = {}
+        self.split_module: torch.fx.GraphModule | None = None  # what Dynamo's code calls after the trace
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         counters.dynamo_traces += 1
@@ -59,6 +60,7 @@ class GraphModeBackend:
             self.dump.set(config=self.config.to_dict(), backend=self.backend, cache=cache_state,
                           timings_s=dict(self.timings), counters=counters.snapshot())
             self.dump.flush()
+        self.split_module = split_gm
         return split_gm
 
     def _cache_state(self, hits_before: int, misses_before: int) -> str:
@@ -92,4 +94,6 @@ class GraphModeBackend:
         general = compile_piece(piece.module, fake_args, self.backend, self.cache)
         by_size = {size: compile_piece(piece.module, fake_args, self.backend, self.cache, size)
                    for size in self.config.compile_sizes} if self.backend == "inductor" else {}
-        return PiecewiseBackend(piece.name, general, by_size, find_size_arg(fake_args))
+        capture = (self.config.resolved_capture_sizes()
+                   if self.config.graph_mode in ("piecewise", "full_and_piecewise") else None)
+        return PiecewiseBackend(piece.name, general, by_size, find_size_arg(fake_args), capture)

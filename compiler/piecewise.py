@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import torch
 
+from compiler.graphs import StaticGraphRunner, step_graph_runtime
+
 
 @dataclass(frozen=True)
 class SizeArg:
@@ -32,17 +34,27 @@ def find_size_arg(fake_args: list[Any]) -> SizeArg | None:
 class PiecewiseBackend:
     """Runs a piece, picking the size-specialised compile when one exists for this token count."""
 
-    def __init__(self, name: str, general: Callable, by_size: dict[int, Callable], size_arg: SizeArg | None) -> None:
+    def __init__(self, name: str, general: Callable, by_size: dict[int, Callable], size_arg: SizeArg | None,
+                 capture_sizes: list[int] | None = None) -> None:
         self.name = name
         self.general = general
         self.by_size = by_size
         self.size_arg = size_arg
+        # Set when piecewise graphs are on: replays this piece per capture size on "piecewise" steps.
+        self.graphs = (StaticGraphRunner(self._run, name, frozenset(capture_sizes))
+                       if capture_sizes and size_arg is not None else None)
 
     def num_tokens(self, args: tuple[Any, ...]) -> int | None:
         return self.size_arg.read(args) if self.size_arg is not None else None
 
     def __call__(self, *args: Any) -> Any:
+        if self.graphs is not None:
+            runtime = step_graph_runtime()
+            if runtime is not None and runtime.mode == "piecewise":
+                return self.graphs(runtime, self.num_tokens(args), args)
+        return self._run(*args)
+
+    def _run(self, *args: Any) -> Any:
         if self.by_size:
-            fn = self.by_size.get(self.num_tokens(args), self.general)
-            return fn(*args)
+            return self.by_size.get(self.num_tokens(args), self.general)(*args)
         return self.general(*args)

@@ -31,6 +31,7 @@ class LoadedModel:
     checkpoint: Checkpoint | None  # None for a model built in memory (random weights)
     dtype: torch.dtype
     device: torch.device
+    compilation_config: CompilationConfig | None = None  # what the model was built with
 
     @property
     def name(self) -> str:
@@ -122,4 +123,4 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch
     load_weights(model, weights)
     logger.info("loaded %s (%s) as %s on %s in %.1f s", ckpt.display, type(model).__name__,
                 str(torch_dtype).removeprefix("torch."), device, time.perf_counter() - start)
-    return LoadedModel(model, config, ckpt, torch_dtype, device)
+    return LoadedModel(model, config, ckpt, torch_dtype, device, compilation_config)

@@ -18,8 +18,12 @@ class GraphPass:
         raise NotImplementedError
 
     def source_objects(self) -> list[Any]:
-        """Functions or modules besides the class whose source decides what the pass does (its patterns)."""
-        return []
+        """Functions or modules besides the class whose source decides what the pass does.
+
+        By default the pass's module (helpers next to the class change its behaviour too).
+        """
+        module = inspect.getmodule(type(self))
+        return [module] if module is not None else []
 
     def uuid(self) -> str:
         digest = hashlib.sha256()

@@ -9,7 +9,6 @@ single norms and become ``rms_norm``; run fuse_add_rms_norm first so the longer 
 from __future__ import annotations
 
 import torch
-
 from torch._inductor.pattern_matcher import Match
 
 import runtime.ops.rms_norm  # noqa: F401  (registers graphmode::rms_norm, graphmode::fused_add_rms_norm)
@@ -62,7 +61,6 @@ class FuseAddRMSNormPass(PatternPass):
         inputs = [(_rows(d), _rows(d), torch.randn(16, dtype=d)) for d in PATTERN_DTYPES]
         self.register(add_rms_norm_pattern, add_rms_norm_replacement, inputs, extra_check=_sum_used_again,
                       scalars={"eps": _EPS})
-
 
 
 @register_pass

@@ -61,11 +61,16 @@ def rotary_gptj_replacement(positions: torch.Tensor, q: torch.Tensor, k: torch.T
 
 
 def rotary_examples(heads_shape: bool) -> list[tuple[torch.Tensor, ...]]:
-    """(positions, q, k, table) per dtype; q/k [T, H * D] or, with ``heads_shape``, [T, H, D]."""
+    """(positions, q, k, table) per dtype; q/k [T, H * D] or, with ``heads_shape``, [T, H, D].
+
+    The table is fp32 as RotaryEmbedding builds it (cos/sin get cast to the q dtype), or of the q
+    dtype after a ``model.to(dtype)`` (no casts).
+    """
     positions = torch.arange(4) % _MAX_POSITIONS
-    table = torch.randn(_MAX_POSITIONS, _HEAD_DIM)
     q_shape, k_shape = ((4, 2, _HEAD_DIM), (4, 1, _HEAD_DIM)) if heads_shape else ((4, 2 * _HEAD_DIM), (4, _HEAD_DIM))
-    return [(positions, torch.randn(q_shape, dtype=d), torch.randn(k_shape, dtype=d), table) for d in PATTERN_DTYPES]
+    return [(positions, torch.randn(q_shape, dtype=d), torch.randn(k_shape, dtype=d),
+             torch.randn(_MAX_POSITIONS, _HEAD_DIM, dtype=table_dtype))
+            for d in PATTERN_DTYPES for table_dtype in dict.fromkeys((torch.float32, d))]
 
 
 @register_pass

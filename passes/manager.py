@@ -13,8 +13,14 @@ and scalar literals ignored in the first match and then re-checked by retracing 
 the matched nodes' real (symbolic) shapes and dtypes, so one registration covers every hidden size
 and token count; (b) supports multi-output patterns (``fused_add_rms_norm`` returns the normalised
 row and the new residual); (c) refuses matches whose inner nodes have users outside the pattern or
-that cross a mutation (the attention op mutates its ``out``). Pattern passes first drop dead nodes
-(stray ``detach``) since those count as users. See passes/patterns.py.
+that cross a mutation (the attention op mutates its ``out``). Before matching, every pattern pass
+drops dead nodes (a stray ``detach`` counts as a user) and no-op views (``eliminate_noops``, the
+same canonical form the patterns are traced in), so fusions work in any order. See passes/patterns.py.
+
+Weights and buffers must have static shapes: with every dim symbolic (make_fx "symbolic" on real
+parameters passed as inputs), split sizes become SymInt expressions of the weight's size and the
+SwiGLU pattern no longer matches. Trace with Dynamo's fake example inputs (``tracing_mode="fake"``)
+or with parameters as module constants.
 
 Usage (the compiler)::
 

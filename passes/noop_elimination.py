@@ -52,6 +52,9 @@ def same_meta(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     va, vb = _val(a), _val(b)
     if va is None or vb is None or va.dtype != vb.dtype or va.device != vb.device or va.layout != vb.layout:
         return False
+    # A copy of a conjugate/negative view materialises it: not a no-op.
+    if va.is_conj() != vb.is_conj() or va.is_neg() != vb.is_neg():
+        return False
     return (_equal(va.shape, vb.shape) and _equal(va.stride(), vb.stride())
             and statically_known_true(va.storage_offset() == vb.storage_offset()))
 

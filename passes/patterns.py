@@ -99,9 +99,8 @@ class PatternPass(GraphPass):
     def source_objects(self) -> list[Any]:
         # Whole modules: patterns call helpers (and helpers of other passes) that a list of
         # functions would miss.
-        modules = {inspect.getmodule(obj) for obj in [type(self), *self._functions]}
-        return [inspect.getmodule(PatternPass), inspect.getmodule(eliminate_noops),
-                *sorted(modules - {None}, key=lambda m: m.__name__)]
+        modules = {inspect.getmodule(obj) for obj in [PatternPass, eliminate_noops, type(self), *self._functions]}
+        return sorted(modules - {None}, key=lambda m: m.__name__)
 
     def __call__(self, graph: torch.fx.Graph) -> int:
         if not isinstance(graph.owning_module, torch.fx.GraphModule):

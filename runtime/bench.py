@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from compiler import CompilationConfig, counters
 from runtime.engine import LLM
 from runtime.platforms import current_platform
 from runtime.sampling_params import SamplingParams
@@ -23,7 +24,7 @@ from runtime.sampling_params import SamplingParams
 RANDOM_1B = "random-1b"
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, compilation: CompilationConfig | None = None):
     from models.loader import LoadedModel, load_model, resolve_dtype
     from models.testing import build_random_model, llama_1b_config
 
@@ -31,10 +32,24 @@ def _load(args: argparse.Namespace):
         config = llama_1b_config()
         dtype = resolve_dtype(args.dtype, config)
         device = current_platform.device()
-        return LoadedModel(build_random_model(config, dtype, device), config, None, dtype, device)
+        model = build_random_model(config, dtype, device, compilation_config=compilation)
+        return LoadedModel(model, config, None, dtype, device, compilation)
     from models.default import default_model_path
 
-    return load_model(args.model or default_model_path(), args.dtype)
+    return load_model(args.model or default_model_path(), args.dtype, compilation_config=compilation)
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[str, CompilationConfig]]:
+    """--config NAME=JSON (repeatable) or --graph-mode MODE ...; default: eager only."""
+    named = []
+    for spec in args.config or []:
+        name, _, text = spec.partition("=")
+        named.append((name, CompilationConfig.from_json(text or "{}")))
+    for mode in args.graph_mode or []:
+        cfg = {"none": {"mode": "eager"}}.get(mode, {"mode": "compile", "backend": args.backend,
+                                                     "graph_mode": mode, "capture_sizes": args.capture_sizes})
+        named.append((mode, CompilationConfig.from_dict(cfg)))
+    return named or [("eager", CompilationConfig())]
 
 
 def _engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: int) -> LLM:
@@ -52,35 +67,96 @@ def _prompt(vocab: int, length: int, seed: int) -> list[int]:
     return torch.randint(100, vocab - 1, (length,), generator=g).tolist()
 
 
-def bench_latency(loaded, args: argparse.Namespace) -> list[dict[str, Any]]:
+def bench_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    vocab = loaded.config.vocab_size
-    for batch in args.batch_sizes:
-        llm = _engine(loaded, args, batch, args.context + args.steps + args.warmup + 8)
-        core = llm.engine
-        params = SamplingParams(temperature=0.0, max_tokens=args.steps + args.warmup + 1, ignore_eos=True)
-        for i in range(batch):
-            core.add_request(f"b{i}", _prompt(vocab, args.context, i), params)
-        decoding: set[str] = set()
-        while len(decoding) < batch:  # prefill (possibly chunked) until every request decodes
-            decoding.update(out.request_id for out in core.step())
-        for _ in range(args.warmup):
-            core.step()
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            core.step()
-            times.append(time.perf_counter() - start)
-        for i in range(batch):
-            core.abort_request(f"b{i}")
-        rows.append({"batch": batch, "context": args.context, "mean_ms": 1e3 * statistics.mean(times),
-                     "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "steps": args.steps})
-        del llm, core
+    for name, compilation in _configs(args):
+        counters.reset()
+        start = time.perf_counter()
+        loaded = _load(args, compilation)
+        llm = _engine(loaded, args, max(args.batch_sizes), args.context + args.steps + args.warmup + 8)
+        cold_start = time.perf_counter() - start
+        pool = llm.engine.runner.graphs.runtime
+        for batch in args.batch_sizes:
+            times = _decode_step_times(llm.engine, loaded.config.vocab_size, batch, args)
+            rows.append({"config": name, "batch": batch, "context": args.context,
+                         "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
+                         "min_ms": 1e3 * min(times), "cold_start_s": cold_start,
+                         "graph_pool_mib": (pool.pool_bytes / 2**20) if pool else 0.0,
+                         "graphs": counters.graphs_captured, "replays": counters.graph_replays})
+        del llm, loaded
         current_platform.empty_cache()
+    if args.hf_baseline:
+        rows.extend(_hf_latency(args))
     return rows
 
 
-def bench_throughput(loaded, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _decode_step_times(core, vocab: int, batch: int, args: argparse.Namespace) -> list[float]:
+    params = SamplingParams(temperature=0.0, max_tokens=args.steps + args.warmup + 1, ignore_eos=True)
+    ids = [f"b{batch}-{i}" for i in range(batch)]
+    for i, rid in enumerate(ids):
+        core.add_request(rid, _prompt(vocab, args.context, i), params)
+    decoding: set[str] = set()
+    while len(decoding) < batch:  # prefill (possibly chunked) until every request decodes
+        decoding.update(out.request_id for out in core.step())
+    for _ in range(args.warmup):
+        core.step()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - start)
+    for rid in ids:
+        core.abort_request(rid)
+    return times
+
+
+def _hf_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """transformers eager decode steps on the same architecture (its own KV cache), same process."""
+    from transformers import AutoModelForCausalLM
+
+    from models.loader import resolve_dtype
+    from models.testing import llama_1b_config
+
+    device = current_platform.device()
+    if args.model == RANDOM_1B:
+        config = llama_1b_config()
+        dtype = resolve_dtype(args.dtype, config)
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    else:
+        from models.checkpoint import resolve_checkpoint
+        from models.default import default_model_path
+
+        ckpt = resolve_checkpoint(args.model or default_model_path())
+        kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
+        hf = AutoModelForCausalLM.from_pretrained(ckpt.directory, **kwargs)
+        hf = hf.to(device=device, dtype=resolve_dtype(args.dtype, hf.config)).eval()
+    rows = []
+    for batch in args.batch_sizes:
+        ids = torch.randint(100, hf.config.vocab_size - 1, (batch, args.context), device=device)
+        with torch.inference_mode():
+            out = hf(input_ids=ids, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            times = []
+            for step in range(args.warmup + args.steps):
+                current_platform.synchronize()
+                start = time.perf_counter()
+                out = hf(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                token.cpu()
+                if step >= args.warmup:
+                    times.append(time.perf_counter() - start)
+                cache = out.past_key_values
+        rows.append({"config": "transformers-eager", "batch": batch, "context": args.context,
+                     "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
+                     "min_ms": 1e3 * min(times), "cold_start_s": 0.0, "graph_pool_mib": 0.0, "graphs": 0,
+                     "replays": 0})
+    return rows
+
+
+def bench_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
+    name, compilation = _configs(args)[0]
+    loaded = _load(args, compilation)
     llm = _engine(loaded, args, args.max_num_seqs, args.input_len + args.output_len + 8)
     vocab = loaded.config.vocab_size
     prompts = [_prompt(vocab, args.input_len, i) for i in range(args.num_requests)]
@@ -90,7 +166,7 @@ def bench_throughput(loaded, args: argparse.Namespace) -> list[dict[str, Any]]:
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    return [{"requests": len(outs), "input_len": args.input_len, "output_len": args.output_len,
+    return [{"config": name, "requests": len(outs), "input_len": args.input_len, "output_len": args.output_len,
              "seconds": elapsed, "requests_per_s": len(outs) / elapsed, "output_tokens_per_s": generated / elapsed,
              "total_tokens_per_s": (generated + args.input_len * len(outs)) / elapsed}]
 
@@ -119,11 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-num-batched-tokens", type=int, default=4096)
         s.add_argument("--kv-cache-memory-gb", type=float, default=None)
         s.add_argument("--json", default=None, help="write results to this file")
+        s.add_argument("--config", action="append", metavar="NAME=JSON",
+                       help="a named CompilationConfig to run (repeatable: configs run side by side)")
+        s.add_argument("--graph-mode", action="append", choices=["none", "piecewise", "full", "full_and_piecewise"],
+                       help="shorthand for a compiled config with this graph mode (repeatable)")
+        s.add_argument("--backend", default="inductor", help="compile backend for --graph-mode configs")
+        s.add_argument("--capture-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
         if name == "latency":
             s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
             s.add_argument("--context", type=int, default=128, help="prompt tokens per request")
             s.add_argument("--steps", type=int, default=20, help="timed decode steps")
             s.add_argument("--warmup", type=int, default=3)
+            s.add_argument("--hf-baseline", action="store_true", help="also time transformers eager decode")
         else:
             s.add_argument("--num-requests", type=int, default=64)
             s.add_argument("--input-len", type=int, default=128)
@@ -137,9 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     current_platform.configure_process()
-    loaded = _load(args)
-    rows = bench_latency(loaded, args) if args.command == "latency" else bench_throughput(loaded, args)
-    header = {"command": args.command, "model": args.model or "smollm2", "dtype": str(loaded.dtype),
+    rows = bench_latency(args) if args.command == "latency" else bench_throughput(args)
+    header = {"command": args.command, "model": args.model or "smollm2", "dtype": args.dtype,
               "device": current_platform.device_name(), "torch": torch.__version__}
     print(json.dumps(header))
     _print_table(rows)

@@ -70,6 +70,8 @@ class EngineCore:
         current_platform.manual_seed(config.seed)
         loaded = loaded or load_model(config.model or default_model_path(), config.dtype, config.device,
                                       config.compilation_config)
+        if loaded.compilation_config is not None:
+            config.compilation_config = loaded.compilation_config  # graphs must match how it was compiled
         self.model, self.model_config = loaded.model, loaded.config
         self.tokenizer = loaded.tokenizer()
         self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 4096)
@@ -79,9 +81,11 @@ class EngineCore:
         self.runner = ModelRunner(
             self.model, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, block_size=config.block_size, dtype=loaded.dtype,
-            device=loaded.device, vocab_size=self.model_config.vocab_size)
+            device=loaded.device, vocab_size=self.model_config.vocab_size,
+            compilation_config=config.compilation_config)
         num_blocks = self._num_kv_blocks()
         self.runner.warmup()  # compiles (one trace) before the first request, not during it
+        self.runner.capture_graphs()
         self.runner.allocate_kv_cache(num_blocks)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(

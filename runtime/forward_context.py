@@ -39,6 +39,10 @@ def has_forward_context() -> bool:
     return _forward_context is not None
 
 
+def current_forward_context() -> ForwardContext | None:
+    return _forward_context
+
+
 @contextlib.contextmanager
 def set_forward_context(
     attn_metadata: AttentionMetadata | None,

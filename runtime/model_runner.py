@@ -7,9 +7,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
+from compiler.config import CompilationConfig
+from compiler.dispatcher import Dispatch
 from runtime.attention.kv_tensors import allocate_kv_caches, kv_bytes_per_block
 from runtime.attention.metadata import AttentionMetadata
 from runtime.forward_context import set_forward_context
+from runtime.graph_driver import GraphDriver
 from runtime.platforms import current_platform
 from runtime.sampler import Sampler, SamplingBatch
 from runtime.scheduler import ScheduledRequest, SchedulerOutput
@@ -40,7 +45,8 @@ class InputBuffers:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device, vocab_size: int) -> None:
+                 block_size: int, dtype: torch.dtype, device: torch.device, vocab_size: int,
+                 compilation_config: CompilationConfig | None = None) -> None:
         self.model, self.dtype, self.device = model, dtype, device
         self.block_size, self.max_model_len = block_size, max_model_len
         self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_batched_tokens
@@ -49,6 +55,8 @@ class ModelRunner:
         self.buffers = InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
         self.sampler = Sampler()
         self.kv_caches: dict[str, torch.Tensor] = {}
+        self.graphs = GraphDriver(model, compilation_config or CompilationConfig(), max_num_batched_tokens,
+                                  max_num_seqs)
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -84,11 +92,40 @@ class ModelRunner:
         """Run the model once so compilation (a single trace) happens at start-up."""
         self.dummy_run(min(self.max_num_tokens, 16))
 
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Warm up and capture every (mode, size) graph, largest first, before serving."""
+        plan = self.graphs.capture_sizes()
+        for mode, size in tqdm(plan, desc="Capturing graphs", unit="graph", disable=not plan, leave=False):
+            for _ in range(2):  # the first call at a size warms up, the second captures
+                self._dummy_step(mode, size)
+        current_platform.synchronize()
+        self.graphs.log_capture()
+
+    def _dummy_step(self, mode: str, size: int) -> None:
+        """``size`` one-token sequences writing nowhere (slot -1), through the persistent buffers."""
+        buf = self.buffers
+        seqs = min(size, self.max_num_seqs)
+        buf.slot_mapping[:size].fill_(-1)
+        buf.seq_lens[:seqs].fill_(1)
+        buf.block_tables[:seqs].zero_()
+        buf.query_start_loc[: seqs + 1].copy_(torch.arange(seqs + 1, dtype=torch.int32))
+        if seqs < size:  # more tokens than sequence rows: the last sequence takes the rest
+            buf.query_start_loc[seqs] = size
+            buf.seq_lens[seqs - 1] = size - seqs + 1
+        md = AttentionMetadata(
+            slot_mapping=buf.slot_mapping[:size], block_tables=buf.block_tables[:seqs], seq_lens=buf.seq_lens[:seqs],
+            query_start_loc=buf.query_start_loc[: seqs + 1], num_actual_tokens=size,
+            max_query_len=size - seqs + 1, max_seq_len=size - seqs + 1, block_size=self.block_size,
+            query_lens_cpu=[1] * (seqs - 1) + [size - seqs + 1], seq_lens_cpu=[1] * (seqs - 1) + [size - seqs + 1])
+        with set_forward_context(md, self.kv_caches, **self.graphs.context_extras()):
+            self.graphs.run(Dispatch(mode, size), buf.input_ids[:size], buf.positions[:size])
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size, self.dtype, self.device)
 
     # ---- one step --------------------------------------------------------------------------
-    def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[AttentionMetadata, int]:
+    def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[AttentionMetadata, Dispatch]:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -109,6 +146,7 @@ class ModelRunner:
             query_lens.append(end - start)
             seq_lens.append(end)
         n, s = len(ids), len(scheduled)
+        dispatch = self.graphs.plan(n, max(query_lens) == 1)
         buf = self.buffers
         buf.input_ids[:n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
         buf.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
@@ -117,17 +155,29 @@ class ModelRunner:
         buf.seq_lens[:s].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
         starts = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         buf.query_start_loc[: s + 1].copy_(starts, non_blocking=True)
+        padded = dispatch.padded_tokens
+        if padded > n:
+            buf.slot_mapping[n:padded].fill_(-1)  # padded rows write nowhere
+        seq_rows = s
+        if dispatch.mode == "full" and padded > s:
+            # A full graph's kernels read one sequence row per token: padded rows get length 0.
+            buf.seq_lens[s:padded].zero_()
+            buf.block_tables[s:padded].zero_()
+            buf.query_start_loc[s + 1: padded + 1].fill_(n)
+            seq_rows = padded
         md = AttentionMetadata(
-            slot_mapping=buf.slot_mapping[:n], block_tables=buf.block_tables[:s], seq_lens=buf.seq_lens[:s],
-            query_start_loc=buf.query_start_loc[: s + 1], num_actual_tokens=n, max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens), block_size=bs, query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
-        return md, n
+            slot_mapping=buf.slot_mapping[:padded], block_tables=buf.block_tables[:seq_rows],
+            seq_lens=buf.seq_lens[:seq_rows], query_start_loc=buf.query_start_loc[: seq_rows + 1],
+            num_actual_tokens=n, max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=bs,
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        return md, dispatch
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, generators: dict[str, torch.Generator]) -> StepResult:
-        md, n = self._prepare(output.scheduled)
-        with set_forward_context(md, self.kv_caches):
-            hidden = self.model(self.buffers.input_ids[:n], self.buffers.positions[:n])
+        md, dispatch = self._prepare(output.scheduled)
+        padded = dispatch.padded_tokens
+        with set_forward_context(md, self.kv_caches, **self.graphs.context_extras()):
+            hidden = self.graphs.run(dispatch, self.buffers.input_ids[:padded], self.buffers.positions[:padded])
         sampling_rows = [(row, item.request) for row, item in enumerate(output.scheduled) if item.samples]
         if not sampling_rows:
             return StepResult({}, {})

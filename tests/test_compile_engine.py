@@ -41,3 +41,19 @@ def test_tiny_qwen3_moe_compiled_equals_eager(tmp_path, backend):
                           compilation_config=CompilationConfig(mode="compile", backend=backend))
     assert _run(compiled, prompts) == eager
     assert counters.dynamo_traces == 1
+
+
+@pytest.mark.parametrize("graph_mode", ["piecewise", "full", "full_and_piecewise"])
+def test_graph_modes_degrade_on_cpu_with_a_log_line(tmp_path, caplog, graph_mode):
+    import logging
+
+    path = write_tiny_checkpoint("LlamaForCausalLM", str(tmp_path / "llama"))
+    prompts = [[5, 9, 13], list(range(30, 60))]
+    eager = _run(load_model(path, dtype="float32", device="cpu"), prompts)
+    counters.reset()
+    with caplog.at_level(logging.INFO):
+        compiled = load_model(path, dtype="float32", device="cpu", compilation_config=CompilationConfig(
+            mode="compile", backend="eager", graph_mode=graph_mode, capture_sizes=[1, 2, 4, 8]))
+        assert _run(compiled, prompts) == eager
+    assert "no static graphs" in caplog.text
+    assert counters.graphs_captured == 0 and counters.dynamo_traces == 1

@@ -29,8 +29,9 @@ def qk_norm_rotary(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
     eps: float, cos_sin_cache: torch.Tensor, head_dim: int, is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    same_dtype = q_weight.dtype == q.dtype and k_weight.dtype == q.dtype
-    if same_dtype and q.shape[-1] == head_dim and triton_rotary_ok(q, k, cos_sin_cache, head_dim):
+    weights_fit = all(w.dtype == q.dtype and w.shape == (head_dim,) for w in (q_weight, k_weight))
+    per_head = q.shape[-1] == head_dim and k.shape[-1] == head_dim  # the norm runs over the last dim
+    if weights_fit and per_head and triton_rotary_ok(positions, q, k, cos_sin_cache, head_dim):
         return triton_module("triton_rotary").qk_norm_rotary(
             positions, q, k, q_weight, k_weight, eps, cos_sin_cache, head_dim, is_neox)
     return qk_norm_rotary_reference(positions, q, k, q_weight, k_weight, eps, cos_sin_cache, head_dim, is_neox)

@@ -37,7 +37,8 @@ def _triton_ok(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> 
     # The kernel handles one dtype per call and rows that fit one block; the rest is rare enough
     # for the reference.
     same_dtype = all(t.dtype == x.dtype for t in (weight, *others))
-    return same_dtype and x.shape[-1] <= 65536 and use_triton(x, weight, *others)
+    row_weight = weight.shape == (x.shape[-1],)
+    return same_dtype and row_weight and x.shape[-1] <= 65536 and use_triton(x, weight, *others)
 
 
 @torch.library.custom_op(RMS_NORM_OP, mutates_args=())

@@ -40,10 +40,11 @@ def rotary_embedding_reference(
     return rotate(q, cos, sin, head_dim).contiguous(), rotate(k, cos, sin, head_dim).contiguous()
 
 
-def triton_rotary_ok(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, head_dim: int) -> bool:
+def triton_rotary_ok(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     head_dim: int) -> bool:
     """Whether the Triton kernel serves this call (full-width rotary of same-dtype q and k)."""
     return (q.dtype == k.dtype and cos_sin_cache.shape[-1] == head_dim and head_dim % 2 == 0
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and use_triton(q, k, cos_sin_cache))
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and use_triton(positions, q, k, cos_sin_cache))
 
 
 @torch.library.custom_op(ROTARY_EMBEDDING_OP, mutates_args=())
@@ -51,7 +52,7 @@ def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, head_dim: int,
     is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if triton_rotary_ok(q, k, cos_sin_cache, head_dim):
+    if triton_rotary_ok(positions, q, k, cos_sin_cache, head_dim):
         return triton_module("triton_rotary").rotary_embedding(positions, q, k, cos_sin_cache, head_dim, is_neox)
     return rotary_embedding_reference(positions, q, k, cos_sin_cache, head_dim, is_neox)
 

@@ -5,6 +5,7 @@ This package is a leaf: it imports nothing else of ours, so every other module m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ContextManager
 import torch
 
 
@@ -35,6 +36,19 @@ class Platform:
 
     def device(self, index: int = 0) -> torch.device:
         return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
+
+    # ---- static graphs (platforms without them never get these calls) ---------------------
+    def new_graph(self) -> Any:
+        raise NotImplementedError(f"{self.name} has no static graphs")
+
+    def graph_pool_handle(self) -> Any:
+        raise NotImplementedError(f"{self.name} has no static graphs")
+
+    def graph_capture(self, graph: Any, pool: Any) -> ContextManager[Any]:
+        raise NotImplementedError(f"{self.name} has no static graphs")
+
+    def memory_allocated(self) -> int:
+        return 0
 
     def configure_process(self) -> None:
         """One-time, per-process settings (threads and the like) before a model runs."""

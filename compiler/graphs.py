@@ -1,0 +1,106 @@
+"""Static device graphs (CUDA graphs; ACL graphs on Ascend) around a callable, one per capture size.
+
+``StaticGraphRunner`` wraps a compiled piece (piecewise mode) or a whole forward (full mode). The
+first call at a size runs eagerly (warm-up: autotuning, lazy init), the second captures, later ones
+replay. Inputs must keep their addresses across replays (persistent runner buffers, outputs of
+earlier graphs in the shared pool); the debug mode checks that. The graph class, pool and capture
+context all come from the platform.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from compiler.counters import counters
+from runtime.platforms import Platform
+
+logger = logging.getLogger(__name__)
+
+GRAPH_RUNTIME_KEY = "graphs"  # forward-context extras key holding this step's GraphRuntime
+
+
+@dataclass
+class GraphRuntime:
+    """Per-model graph state a step carries in its forward context."""
+    platform: Platform
+    pool: Any
+    mode: str = "none"  # what this step replays: "none" | "piecewise" | "full"
+    debug: bool = False
+    capture_seconds: float = 0.0
+    pool_bytes: int = 0
+
+
+@dataclass
+class _Entry:
+    graph: Any
+    output: Any
+    input_addresses: list[int]
+
+
+@dataclass
+class StaticGraphRunner:
+    fn: Callable
+    name: str
+    capture_sizes: frozenset[int]
+    entries: dict[int, _Entry] = field(default_factory=dict)
+    warmed: set[int] = field(default_factory=set)
+    failed: bool = False
+
+    def __call__(self, runtime: GraphRuntime, size: int, args: tuple[Any, ...]) -> Any:
+        if self.failed or size not in self.capture_sizes:
+            return self.fn(*args)
+        entry = self.entries.get(size)
+        if entry is not None:
+            if runtime.debug:
+                _check_addresses(self.name, size, entry.input_addresses, args)
+            entry.graph.replay()
+            counters.graph_replays += 1
+            return entry.output
+        if size not in self.warmed:
+            self.warmed.add(size)
+            return self.fn(*args)
+        return self._capture(runtime, size, args)
+
+    def _capture(self, runtime: GraphRuntime, size: int, args: tuple[Any, ...]) -> Any:
+        platform = runtime.platform
+        graph = platform.new_graph()
+        start, before = time.perf_counter(), platform.memory_allocated()
+        try:
+            with platform.graph_capture(graph, runtime.pool):
+                output = self.fn(*args)
+        except Exception as e:  # noqa: BLE001 - an uncapturable op degrades this runner, never crashes
+            logger.warning("static graph %s could not be captured at size %d (%s: %s); running it without graphs",
+                           self.name, size, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.failed = True
+            return self.fn(*args)
+        runtime.capture_seconds += time.perf_counter() - start
+        runtime.pool_bytes += max(0, platform.memory_allocated() - before)
+        self.entries[size] = _Entry(graph, output, _addresses(args))
+        counters.graphs_captured += 1
+        # Capture records work without running it: replay once so this call returns real values.
+        graph.replay()
+        return output
+
+
+def _addresses(args: tuple[Any, ...]) -> list[int]:
+    return [a.data_ptr() if isinstance(a, torch.Tensor) else -1 for a in args]
+
+
+def _check_addresses(name: str, size: int, expected: list[int], args: tuple[Any, ...]) -> None:
+    actual = _addresses(args)
+    moved = [i for i, (a, b) in enumerate(zip(expected, actual)) if a != b]
+    if moved:
+        raise RuntimeError(f"static graph {name} (size {size}): inputs {moved} changed address since capture; "
+                           "a replay would read stale memory")
+
+
+def step_graph_runtime() -> GraphRuntime | None:
+    """The GraphRuntime of the step being run, if the runner set one in the forward context."""
+    from runtime.forward_context import current_forward_context
+
+    ctx = current_forward_context()
+    return ctx.extras.get(GRAPH_RUNTIME_KEY) if ctx is not None else None

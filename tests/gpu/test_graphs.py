@@ -1,0 +1,68 @@
+"""Static graphs on CUDA: every graph mode gives the same greedy tokens; captures and replays counted."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    print(f"skipping {__name__}: CUDA is not available")
+    pytest.skip("CUDA is not available", allow_module_level=True)
+
+from compiler import CompilationConfig, counters  # noqa: E402
+from models.loader import load_model  # noqa: E402
+from runtime.engine import LLM  # noqa: E402
+from runtime.sampling_params import SamplingParams  # noqa: E402
+
+SIZES = [1, 2, 4, 8, 16, 32]
+MODES = {
+    "none": dict(mode="eager"),
+    "piecewise": dict(mode="compile", backend="eager", graph_mode="piecewise", capture_sizes=SIZES, debug=True),
+    "full": dict(mode="eager", graph_mode="full", capture_sizes=SIZES, debug=True),
+    "full_and_piecewise": dict(mode="compile", backend="eager", graph_mode="full_and_piecewise",
+                               capture_sizes=SIZES),
+}
+
+
+def _workload(tokenizer):
+    g = torch.Generator().manual_seed(0)
+    prompts, params = [], []
+    for i in range(32):
+        length = [3, 9, 17, 40, 75, 130][i % 6]
+        prompts.append(torch.randint(100, tokenizer.vocab_size - 1, (length,), generator=g).tolist())
+        params.append(SamplingParams(temperature=0.0, max_tokens=8 + (i % 5) * 4, ignore_eos=True))
+    return prompts, params
+
+
+@pytest.fixture(scope="module")
+def results(smollm2_path):
+    out = {}
+    for name, cfg in MODES.items():
+        counters.reset()
+        loaded = load_model(smollm2_path, dtype="bfloat16", device="cuda",
+                            compilation_config=CompilationConfig(**cfg))
+        llm = LLM.from_loaded(loaded, max_num_seqs=16, max_model_len=512, max_num_batched_tokens=256,
+                              num_kv_blocks=512)
+        captured = counters.graphs_captured
+        prompts, params = _workload(llm.tokenizer)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        out[name] = dict(tokens=tokens, captured=captured, replays=counters.graph_replays,
+                         pieces=counters.piecewise_graphs, free=llm.engine.kv_cache.num_used_blocks == 0)
+        del llm, loaded
+        torch.cuda.empty_cache()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["piecewise", "full", "full_and_piecewise"])
+def test_greedy_tokens_identical_across_graph_modes(results, mode):
+    assert results[mode]["tokens"] == results["none"]["tokens"]
+    assert results[mode]["free"]
+
+
+def test_one_capture_per_size_per_mode_and_replays(results):
+    full_sizes = [s for s in SIZES if s <= 16]  # full graphs are bounded by max_num_seqs
+    assert results["none"]["captured"] == 0
+    assert results["full"]["captured"] == len(full_sizes)
+    assert results["piecewise"]["captured"] == len(SIZES) * results["piecewise"]["pieces"]
+    both = results["full_and_piecewise"]
+    assert both["captured"] == len(full_sizes) + len(SIZES) * both["pieces"]
+    for mode in ("piecewise", "full", "full_and_piecewise"):
+        assert results[mode]["replays"] > 0
