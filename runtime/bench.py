@@ -73,14 +73,15 @@ def bench_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
         counters.reset()
         start = time.perf_counter()
         loaded = _load(args, compilation)
-        llm = _engine(loaded, args, max(args.batch_sizes), args.context + args.steps + args.warmup + 8)
+        llm = _engine(loaded, args, max(args.batch_sizes), args.context + 2 * args.steps + args.warmup + 8)
         cold_start = time.perf_counter() - start
         pool = llm.engine.runner.graphs.runtime
         for batch in args.batch_sizes:
-            times = _decode_step_times(llm.engine, loaded.config.vocab_size, batch, args)
+            times, forward = _decode_step_times(llm.engine, loaded.config.vocab_size, batch, args)
             rows.append({"config": name, "batch": batch, "context": args.context,
                          "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
-                         "min_ms": 1e3 * min(times), "cold_start_s": cold_start,
+                         "min_ms": 1e3 * min(times), "forward_ms": 1e3 * statistics.median(forward),
+                         "cold_start_s": cold_start,
                          "graph_pool_mib": (pool.pool_bytes / 2**20) if pool else 0.0,
                          "graphs": counters.graphs_captured, "replays": counters.graph_replays})
         del llm, loaded
@@ -91,7 +92,7 @@ def bench_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _decode_step_times(core, vocab: int, batch: int, args: argparse.Namespace) -> list[float]:
-    params = SamplingParams(temperature=0.0, max_tokens=args.steps + args.warmup + 1, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * args.steps + args.warmup + 1, ignore_eos=True)
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for i, rid in enumerate(ids):
         core.add_request(rid, _prompt(vocab, args.context, i), params)
@@ -105,9 +106,33 @@ def _decode_step_times(core, vocab: int, batch: int, args: argparse.Namespace) -
         start = time.perf_counter()
         core.step()
         times.append(time.perf_counter() - start)
+    forward = _forward_times(core, args.steps)
     for rid in ids:
         core.abort_request(rid)
-    return times
+    return times, forward
+
+
+def _forward_times(core, steps: int) -> list[float]:
+    """The model forward alone (graph replay or eager), synchronised: where the step's time goes."""
+    graphs = core.runner.graphs
+    original = graphs.run
+    samples: list[float] = []
+
+    def timed(*args, **kwargs):
+        current_platform.synchronize()
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        current_platform.synchronize()
+        samples.append(time.perf_counter() - start)
+        return out
+
+    graphs.run = timed
+    try:
+        for _ in range(steps):
+            core.step()
+    finally:
+        graphs.run = original
+    return samples
 
 
 def _hf_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -149,7 +174,8 @@ def _hf_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
                 cache = out.past_key_values
         rows.append({"config": "transformers-eager", "batch": batch, "context": args.context,
                      "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
-                     "min_ms": 1e3 * min(times), "cold_start_s": 0.0, "graph_pool_mib": 0.0, "graphs": 0,
+                     "min_ms": 1e3 * min(times), "forward_ms": 1e3 * statistics.median(times),
+                     "cold_start_s": 0.0, "graph_pool_mib": 0.0, "graphs": 0,
                      "replays": 0})
     return rows
 

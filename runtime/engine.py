@@ -85,8 +85,8 @@ class EngineCore:
             compilation_config=config.compilation_config)
         num_blocks = self._num_kv_blocks()
         self.runner.warmup()  # compiles (one trace) before the first request, not during it
-        self.runner.capture_graphs()
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_graphs()  # full graphs bake in the KV cache addresses: allocate first
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,

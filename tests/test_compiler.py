@@ -99,6 +99,7 @@ def test_debug_mode_turns_a_recompile_into_a_clear_error():
                                                      splitting_ops=["graphmode_test::mix"]))
     model(torch.randn(4, 16), torch.rand(4))
     model(torch.randn(9, 16), torch.rand(9))  # another size: no recompile
+    model(torch.randn(1, 16), torch.rand(1))  # nor a single token (no 0/1 specialisation)
     with pytest.raises(RecompileError, match="need a new trace"):
         model(torch.randn(4, 16, dtype=torch.float64), torch.rand(4, dtype=torch.float64))
 

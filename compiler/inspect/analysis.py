@@ -192,7 +192,24 @@ def code_dag(code: GraphCode) -> nx.DiGraph:
             for origin in alias.get(src, []):
                 if origin in ops:
                     g.add_edge(origin, s.name)
+    for src, dst in inplace_pairs(code):
+        g.add_edge(src, dst, inplace=True)
     return g
+
+
+def inplace_pairs(code: GraphCode) -> list[tuple[str, str]]:
+    """(writer, reader) pairs for custom ops whose result is unused (they work by writing an argument,
+    like attention's ``out``): later readers of their arguments depend on them."""
+    ops = code.ops
+    read = {n for s in ops for n in s.inputs} | set(code.outputs)
+    pairs = []
+    for i, s in enumerate(ops):
+        if not is_custom_op(s.op or "") or s.name in read:
+            continue
+        for later in ops[i + 1:]:
+            if set(later.inputs) & set(s.inputs):
+                pairs.append((s.name, later.name))
+    return pairs
 
 
 def longest_chain(g: nx.DiGraph) -> int:
@@ -270,6 +287,8 @@ def build_tag_graph(tag: Tag, with_inputs: bool = False, only_piece: int | None 
                 for origin in [src] + alias.get(src, []):
                     if origin in node_id and node_id[origin] != node_id[s.name]:
                         g.add_edge(node_id[origin], node_id[s.name], cross=node_id[origin].split("/")[0] != f"p{index}")
+        for src, dst in inplace_pairs(code):
+            g.add_edge(node_id[src], node_id[dst], cross=False, inplace=True)
         for s in code.ops:
             original = mapping.get((index, s.name))
             if original is not None:
@@ -278,7 +297,8 @@ def build_tag_graph(tag: Tag, with_inputs: bool = False, only_piece: int | None 
                 producer.setdefault(s.name, node_id[s.name])
     _add_inplace_edges(g, tag, pieces)
     if only_piece is not None:
-        keep = [n for n, d in g.nodes(data=True) if d.get("piece") == only_piece]
+        keep = {n for n, d in g.nodes(data=True) if d.get("piece") == only_piece}
+        keep |= {p for n in keep for p in g.predecessors(n) if g.nodes[p].get("kind") == "input"}
         g = g.subgraph(keep).copy()
     return TagGraph(g, pieces, aligned)
 

@@ -31,25 +31,33 @@ def piece_colours(index: int, splitting: bool) -> tuple[str, str]:
     return (SPLIT_CLUSTER, SPLIT_BORDER) if splitting else (PALETTE[index % len(PALETTE)], BORDER[index % len(BORDER)])
 
 
+def display_op(op: str) -> str:
+    """Shorter op names for pictures (``_VariableFunctionsClass.rsqrt`` -> ``torch.rsqrt``)."""
+    return op.replace("_VariableFunctionsClass.", "torch.")
+
+
 def _q(text: Any) -> str:
     return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def _cluster_label(piece: dict[str, Any], g: nx.DiGraph) -> str:
+    if piece.get("is_splitting_op"):
+        return f"piece {piece['index']} · splitting op"
     n = sum(1 for _, d in g.nodes(data=True) if d.get("piece") == piece["index"])
-    kind = "splitting op" if piece.get("is_splitting_op") else "compiled"
-    return f"piece {piece['index']} · {piece.get('name', '')} · {kind} · {n} ops"
+    return f"piece {piece['index']} · {piece.get('name', '')} · compiled · {n} ops"
 
 
-def to_dot(tag: Tag, g: nx.DiGraph) -> str:
+def to_dot(tag: Tag, g: nx.DiGraph, pieces: list[dict[str, Any]] | None = None) -> str:
     from compiler.inspect.analysis import is_custom_op
 
+    pieces = tag.pieces if pieces is None else pieces
+    n_ops = sum(1 for _, d in g.nodes(data=True) if d.get("piece") is not None)
     lines = [f"digraph {_q(tag.name)} {{",
              f"  graph [rankdir=TB, fontname=\"Helvetica\", fontsize=12, labelloc=t, newrank=true, "
-             f"label={_q(f'{tag.name}: {len(tag.pieces)} pieces, {g.number_of_nodes()} ops')}];",
+             f"label={_q(f'{tag.name}: {len(pieces)} pieces, {n_ops} ops')}];",
              "  node [shape=box, style=\"rounded,filled\", fontname=\"Helvetica\", fontsize=9, height=0.3];",
              "  edge [color=\"#555555\", arrowsize=0.6];"]
-    for piece in tag.pieces:
+    for piece in pieces:
         index, splitting = piece["index"], bool(piece.get("is_splitting_op"))
         fill, border = piece_colours(index, splitting)
         lines.append(f"  subgraph cluster_{index} {{")
@@ -58,7 +66,7 @@ def to_dot(tag: Tag, g: nx.DiGraph) -> str:
         for node, d in g.nodes(data=True):
             if d.get("piece") != index:
                 continue
-            attrs = {"label": f"{d['op']}\n{d['label']}", "tooltip": f"{d['label']} = {d['op']} (line {d.get('line')})"
+            attrs = {"label": f"{display_op(d['op'])}\n{d['label']}", "tooltip": f"{d['label']} = {d['op']} (line {d.get('line')})"
                      f"\n{d.get('text', '')}", "fillcolor": "white", "color": border}
             if d.get("splitting"):
                 attrs.update(fillcolor=SPLIT_FILL, color=SPLIT_BORDER, penwidth="2", peripheries="2",
@@ -113,44 +121,77 @@ NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 150, 30, 16, 22, 18
 
 
 def _layers(g: nx.DiGraph, nodes: list[str]) -> list[list[str]]:
+    """Longest-path layers, then every node pulled down to just above its first consumer."""
     sub = g.subgraph(nodes)
+    order = list(nx.topological_sort(sub))
     depth: dict[str, int] = {}
-    for n in nx.topological_sort(sub):
+    for n in order:
         depth[n] = max((depth[p] + 1 for p in sub.predecessors(n)), default=0)
+    for n in reversed(order):
+        succs = list(sub.successors(n))
+        if succs:
+            depth[n] = min(depth[s] for s in succs) - 1
+    bottom = max(depth.values(), default=0)
+    for n in order:  # values only used by later pieces (piece outputs made from nothing): last row
+        if not sub.pred[n] and not sub.succ[n]:
+            depth[n] = bottom
     layers: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
     for n in nodes:
         layers[depth[n]].append(n)
     return layers
 
 
-def builtin_svg(tag: Tag, g: nx.DiGraph) -> str:
+def _place(g: nx.DiGraph, layers: list[list[str]]) -> dict[str, float]:
+    """x of each node: barycentre sweeps for the order, then nodes near their neighbours' mean x."""
+    index = {n: i for layer in layers for i, n in enumerate(layer)}
+
+    def sweep(seq: list[list[str]], neighbours) -> None:
+        for layer in seq:
+            keys = {n: [index[m] for m in neighbours(n) if m in index] for n in layer}
+            layer.sort(key=lambda n: sum(keys[n]) / len(keys[n]) if keys[n] else index[n])
+            for i, n in enumerate(layer):
+                index[n] = i
+    for _ in range(3):
+        sweep(layers[1:], g.predecessors)
+        sweep(list(reversed(layers[:-1])), g.successors)
+    x: dict[str, float] = {}
+    step = NODE_W + GAP_X
+    for layer in layers:
+        placed = -step
+        for n in layer:
+            want = [x[p] for p in g.predecessors(n) if p in x]
+            desired = sum(want) / len(want) if want else 0.0
+            x[n] = placed = max(desired, placed + step)
+    shift = min(x.values(), default=0.0)
+    return {n: v - shift + PAD * 2 for n, v in x.items()}
+
+
+def builtin_svg(tag: Tag, g: nx.DiGraph, pieces: list[dict[str, Any]] | None = None) -> str:
     from compiler.inspect.analysis import is_custom_op
 
     pos: dict[str, tuple[float, float]] = {}
-    clusters, y = [], PAD + 10
-    for piece in tag.pieces:
+    clusters, y, right = [], PAD + 10, 0.0
+    for piece in tag.pieces if pieces is None else pieces:
         nodes = [n for n, d in g.nodes(data=True) if d.get("piece") == piece["index"]]
         if not nodes:
             continue
         top = y
         y += 26
-        width = 0
-        for layer in _layers(g, nodes):
-            # Order each layer by the mean x of its predecessors (one barycentre sweep).
-            layer.sort(key=lambda n: sum(pos[p][0] for p in g.predecessors(n) if p in pos)
-                       / max(1, sum(1 for p in g.predecessors(n) if p in pos)))
-            for i, n in enumerate(layer):
-                pos[n] = (PAD * 2 + i * (NODE_W + GAP_X), y)
-            width = max(width, len(layer))
+        layers = _layers(g, nodes)
+        xs = _place(g, layers)
+        for layer in layers:
+            for n in layer:
+                pos[n] = (xs[n], y)
+                right = max(right, xs[n] + NODE_W)
             y += NODE_H + GAP_Y
-        clusters.append((piece, top, y - GAP_Y + 10, width))
+        clusters.append((piece, top, y - GAP_Y + 10))
         y += PAD * 2
-    total_w = PAD * 4 + max((c[3] for c in clusters), default=1) * (NODE_W + GAP_X)
+    total_w = int(right + PAD * 2) if pos else 400
     out = [f'<svg id="graph-svg" width="{total_w}" height="{y}" viewBox="0 0 {total_w} {y}" '
            f'font-family="Helvetica, Arial, sans-serif">',
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
            'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#555"/></marker></defs>']
-    for piece, top, bottom, width in clusters:
+    for piece, top, bottom in clusters:
         fill, border = piece_colours(piece["index"], bool(piece.get("is_splitting_op")))
         out.append(f'<g class="cluster" id="cluster_{piece["index"]}"><title>piece {piece["index"]}</title>'
                    f'<rect x="{PAD}" y="{top}" width="{total_w - 2 * PAD}" height="{bottom - top}" rx="8" '
@@ -174,7 +215,8 @@ def builtin_svg(tag: Tag, g: nx.DiGraph) -> str:
             fill, stroke, sw = SPLIT_FILL, SPLIT_BORDER, 3
         elif is_custom_op(d["op"]):
             fill = CUSTOM_FILL
-        op = d["op"] if len(d["op"]) <= 24 else d["op"][:23] + "…"
+        op = display_op(d["op"])
+        op = op if len(op) <= 24 else op[:23] + "…"
         tip = html.escape(f"{d['label']} = {d['op']} (piece {d['piece']}, line {d.get('line')})\n{d.get('text', '')}")
         out.append(f'<g class="node" data-op="{html.escape(d["op"])}" data-name="{html.escape(d["label"])}">'
                    f'<title>{tip}</title><rect x="{x}" y="{yy}" width="{NODE_W}" height="{NODE_H}" rx="5" '
@@ -209,13 +251,14 @@ nodes.forEach(function(g){g.addEventListener('click',function(){var t=g.querySel
 document.getElementById('info').textContent=t?t.textContent:''})});})();"""
 
 
-def to_html(tag: Tag, g: nx.DiGraph, pieces: list[dict[str, Any]], svg: str | None) -> str:
+def to_html(tag: Tag, g: nx.DiGraph, facts: list[dict[str, Any]], svg: str | None,
+            pieces: list[dict[str, Any]] | None = None) -> str:
     """A page that opens from disk: inline SVG (Graphviz's if given, else the builtin layout)."""
-    body_svg = _inline_svg(svg) if svg is not None else builtin_svg(tag, g)
+    body_svg = _inline_svg(svg) if svg is not None else builtin_svg(tag, g, pieces)
     renderer = "Graphviz dot" if svg is not None else "builtin layered layout"
     rows = "".join(f"<tr><td>{p['index']}</td><td>{html.escape(str(p.get('name')))}</td>"
                    f"<td>{'splitting op' if p['is_splitting_op'] else 'compiled'}</td><td>{p['num_ops']}</td>"
-                   f"<td>{p['longest_chain']}</td><td>{p['inputs']}</td><td>{p['outputs']}</td></tr>" for p in pieces)
+                   f"<td>{p['longest_chain']}</td><td>{p['inputs']}</td><td>{p['outputs']}</td></tr>" for p in facts)
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>graphmode {html.escape(tag.name)}</title><style>{_CSS}</style></head>
 <body><header><h1>graphmode dump · tag {html.escape(tag.name)} · backend {html.escape(str(tag.backend))}</h1>

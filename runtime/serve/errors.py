@@ -64,14 +64,23 @@ def validation_error(exc: RequestValidationError) -> APIError:
         where = _loc(tuple(detail.get("loc", ())))
         return bad_request(f"the request body is not valid JSON ({detail.get('msg', 'decode error')}"
                            f"{' at position ' + where if where else ''})", code="invalid_json")
+    by_field: dict[str, list[dict]] = {}
+    for e in errors:
+        loc = [p for p in e.get("loc", ()) if p != "body"]
+        by_field.setdefault(str(loc[0]) if loc else "", []).append(e)
     parts = []
-    for e in errors[:_MAX_LISTED_ERRORS]:
-        where = _loc(tuple(e.get("loc", ())))
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    if len(errors) > _MAX_LISTED_ERRORS:
-        parts.append(f"... and {len(errors) - _MAX_LISTED_ERRORS} more")
-    first = errors[0] if errors else {}
-    param = _loc(tuple(first.get("loc", ()))) or None
+    for field, errs in list(by_field.items())[:_MAX_LISTED_ERRORS]:
+        if not field:
+            parts.append("the request body must be a JSON object" if errs[0].get("type") in ("model_type", "dict_type")
+                         else str(errs[0].get("msg")))
+        elif len(errs) == 1:
+            parts.append(f"{_loc(tuple(errs[0].get('loc', ())))}: {errs[0].get('msg')}")
+        else:  # a union field: every alternative failed; name the first problem
+            parts.append(f"{field}: matches none of its allowed types (e.g. {_loc(tuple(errs[0].get('loc', ())))}: "
+                         f"{errs[0].get('msg')})")
+    if len(by_field) > _MAX_LISTED_ERRORS:
+        parts.append(f"... and {len(by_field) - _MAX_LISTED_ERRORS} more fields")
+    param = next(iter(by_field), "") or None
     return bad_request("invalid request: " + "; ".join(parts), param=param, code="invalid_type")
 
 

@@ -1,0 +1,168 @@
+"""``python -m runtime.serve``: build the engine (load, compile, warm up), then serve the OpenAI API.
+
+The port opens only once the engine is ready. SIGINT/SIGTERM stop accepting connections, abort the
+requests in flight (their streams end with an error event and ``[DONE]``), shut the engine down and
+exit 0. A second SIGINT forces the exit.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Iterator
+
+logger = logging.getLogger("runtime.serve")
+
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+_GRACEFUL_SHUTDOWN_S = 15
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m runtime.serve",
+        description="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, "
+                    "/metrics) for graphmode's engine.")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use in the 'model' field; the first is reported in responses "
+                        "(default: the --model argument, or SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all interfaces (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/*; also read from $GRAPHMODE_API_KEY")
+    p.add_argument("--dtype", default="auto", help="weights/activations dtype: auto, float32, bfloat16 or float16 (default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched together at most per step (default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (prompt + completion) in tokens; default: min(model's maximum, 4096)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens processed per engine step at most; prefill chunks are cut to fit (default: %(default)s)")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="fixed KV cache size in blocks of 16 tokens, overriding memory-based sizing "
+                        "(default: a share of free memory on CPU, profiled on GPU)")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None, help="fixed KV cache size in GiB (default: sized from free memory)")
+    p.add_argument("--compilation-config", default=None, metavar="JSON",
+                   help="compiler settings as JSON, e.g. '{\"mode\": \"compile\", \"graph_mode\": \"piecewise\"}' (default: eager)")
+    p.add_argument("--max-n", type=int, default=16, help="largest n (completions per prompt) a request may ask for (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB; larger ones get 413 (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log level of the server and the engine (default: %(default)s)")
+    p.add_argument("--no-access-log", action="store_true", help="don't log one line per HTTP request")
+    return p
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """During start-up, SIGTERM interrupts like Ctrl-C does (and the process still exits 0)."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _build_engine(args: argparse.Namespace):
+    from runtime.async_engine import AsyncEngine
+    from runtime.config import EngineConfig
+    from runtime.engine import EngineCore
+
+    config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                          num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                          compilation_config=args.compilation_config)
+    start = time.perf_counter()
+    logger.info("building the engine: model=%s dtype=%s compilation=%s (load, compile, warm-up) ...",
+                args.model or DEFAULT_SERVED_NAME, args.dtype, config.compilation_config.mode)
+    core = EngineCore(config)
+    logger.info("engine ready in %.1f s: max_model_len=%d, max_num_seqs=%d, KV cache %d blocks",
+                time.perf_counter() - start, core.max_model_len, config.max_num_seqs, core.kv_cache.num_blocks)
+    return AsyncEngine(core)
+
+
+def _make_server(config, on_exit: Callable[[], None]):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """Shuts the engine down on the first signal and exits 0 (uvicorn would re-raise the signal)."""
+        _exiting = False
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            if not self._exiting:
+                self._exiting = True
+                logger.info("received %s: no new connections; aborting requests in flight and stopping the engine",
+                            signal.Signals(sig).name)
+                on_exit()
+
+    return Server(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    api_key = args.api_key or os.environ.get("GRAPHMODE_API_KEY") or None
+
+    from models.checkpoint import CheckpointError
+    from models.default import DefaultModelMissing
+    from runtime.serve.settings import MiB, ServerSettings
+
+    try:
+        settings = ServerSettings(served_model_names=args.served_model_name or [args.model or DEFAULT_SERVED_NAME],
+                                  api_key=api_key, max_n=args.max_n, max_body_bytes=int(args.max_body_mb * MiB),
+                                  created=int(time.time()))
+        with _interrupt_on_sigterm():
+            engine = _build_engine(args)
+    except KeyboardInterrupt:
+        logger.info("interrupted during start-up")
+        return 0
+    except (ValueError, TypeError, CheckpointError, DefaultModelMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from runtime.serve.app import create_app
+
+    def stop_engine() -> None:  # from a signal handler: never block the event loop
+        threading.Thread(target=engine.shutdown, name="graphmode-shutdown", daemon=True).start()
+
+    config = uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port, log_config=None,
+                            log_level=args.log_level, access_log=not args.no_access_log,
+                            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
+    server = _make_server(config, stop_engine)
+    logger.info("serving %s on http://%s:%d%s", settings.model_name, args.host, args.port,
+                " (API key required)" if api_key else "")
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    if not server.started:
+        return 1  # e.g. the port was taken (uvicorn logged why)
+    logger.info("shut down cleanly")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
