@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,24 +33,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in the 'model' field; the first is reported in responses "
                         "(default: the --model argument, or SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all interfaces (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for all interfaces (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/*; also read from $GRAPHMODE_API_KEY")
-    p.add_argument("--dtype", default="auto", help="weights/activations dtype: auto, float32, bfloat16 or float16 (default: %(default)s)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched together at most per step (default: %(default)s)")
+    p.add_argument("--dtype", default="auto",
+                   help="weights/activations dtype: auto, float32, bfloat16 or float16 (default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="sequences batched together at most per step (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + completion) in tokens; default: min(model's maximum, 4096)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens processed per engine step at most; prefill chunks are cut to fit (default: %(default)s)")
+                   help="tokens processed per engine step at most; prefill chunks are cut to fit "
+                        "(default: %(default)s)")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="fixed KV cache size in blocks of 16 tokens, overriding memory-based sizing "
                         "(default: a share of free memory on CPU, profiled on GPU)")
-    p.add_argument("--kv-cache-memory-gb", type=float, default=None, help="fixed KV cache size in GiB (default: sized from free memory)")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="fixed KV cache size in GiB (default: sized from free memory)")
     p.add_argument("--compilation-config", default=None, metavar="JSON",
-                   help="compiler settings as JSON, e.g. '{\"mode\": \"compile\", \"graph_mode\": \"piecewise\"}' (default: eager)")
-    p.add_argument("--max-n", type=int, default=16, help="largest n (completions per prompt) a request may ask for (default: %(default)s)")
-    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB; larger ones get 413 (default: %(default)s)")
+                   help="compiler settings as JSON, e.g. '{\"mode\": \"compile\", \"graph_mode\": \"piecewise\"}' "
+                        "(default: eager)")
+    p.add_argument("--max-n", type=int, default=16,
+                   help="largest n (completions per prompt) a request may ask for (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body in MiB; larger ones get 413 (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level of the server and the engine (default: %(default)s)")
     p.add_argument("--no-access-log", action="store_true", help="don't log one line per HTTP request")
@@ -66,6 +75,21 @@ def _interrupt_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Claims the port before the slow engine build (fails fast when taken); it listens only once serving."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def _build_engine(args: argparse.Namespace):
@@ -129,15 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.serve.settings import MiB, ServerSettings
 
     try:
+        sock = _bind(args.host, args.port)
+    except OSError as e:
+        print(f"error: cannot bind {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    try:
         settings = ServerSettings(served_model_names=args.served_model_name or [args.model or DEFAULT_SERVED_NAME],
                                   api_key=api_key, max_n=args.max_n, max_body_bytes=int(args.max_body_mb * MiB),
                                   created=int(time.time()))
         with _interrupt_on_sigterm():
             engine = _build_engine(args)
     except KeyboardInterrupt:
+        sock.close()
         logger.info("interrupted during start-up")
         return 0
-    except (ValueError, TypeError, CheckpointError, DefaultModelMissing) as e:
+    except (ValueError, CheckpointError, DefaultModelMissing) as e:
+        sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -152,14 +183,18 @@ def main(argv: list[str] | None = None) -> int:
                             log_level=args.log_level, access_log=not args.no_access_log,
                             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
     server = _make_server(config, stop_engine)
-    logger.info("serving %s on http://%s:%d%s", settings.model_name, args.host, args.port,
+    logger.info("serving %s on http://%s:%d%s", settings.model_name, args.host, sock.getsockname()[1],
                 " (API key required)" if api_key else "")
     try:
-        server.run()
+        server.run(sockets=[sock])  # listening starts here, with the engine ready
+    except OSError as e:  # another process bound the same port meanwhile and listened first
+        logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
+        return 1
     finally:
         engine.shutdown()
+        sock.close()
     if not server.started:
-        return 1  # e.g. the port was taken (uvicorn logged why)
+        return 1
     logger.info("shut down cleanly")
     return 0
 

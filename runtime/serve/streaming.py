@@ -68,7 +68,7 @@ class SSEResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with contextlib.nullcontext():
+            async with watch_disconnect(receive):
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 async for chunk in self.events:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -76,7 +76,7 @@ class SSEResponse(Response):
         except (ClientDisconnected, OSError):
             pass  # the client left; closing the generator below aborts its requests
         finally:
-            pass
+            await self.events.aclose()
 
 
 _END = object()
