@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from typing import Any, Callable
 
 import torch
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from compiler.cache import CompileCache
 from compiler.compile_piece import compile_piece
@@ -39,6 +41,7 @@ class GraphModeBackend:
         self.pieces: list[Piece] = []
         self.timings: dict[str, float] = {}
         self.split_module: torch.fx.GraphModule | None = None  # what Dynamo's code calls after the trace
+        self._pass_code: dict[str, list[str]] = defaultdict(list)  # for dumps: per pass, each piece's code
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         counters.dynamo_traces += 1
@@ -57,11 +60,25 @@ class GraphModeBackend:
                     cache_state)
         if self.dump:
             self.dump.record_pieces(self.pieces)
+            self._dump_passes()
             self.dump.set(config=self.config.to_dict(), backend=self.backend, cache=cache_state,
                           timings_s=dict(self.timings), counters=counters.snapshot())
             self.dump.flush()
         self.split_module = split_gm
         return split_gm
+
+    def _dump_passes(self) -> None:
+        if self.pass_manager is None:
+            return
+        self.dump.write_text("aten", "\n\n".join(self._pass_code["aten"]), f"{self.tag}: compiled pieces in ATen, before passes")
+        previous = "aten.py"
+        entries = []
+        for name in self.pass_manager.names:
+            self.dump.write_text(f"after_{name}", "\n\n".join(self._pass_code[name]), f"{self.tag}: after pass {name}")
+            entries.append({"name": name, "matches": counters.pass_matches.get(name, 0), "file": f"after_{name}.py",
+                            "before": previous})
+            previous = f"after_{name}.py"
+        self.dump.set(passes=entries)
 
     def _cache_state(self, hits_before: int, misses_before: int) -> str:
         if self.cache is None:
@@ -90,9 +107,30 @@ class GraphModeBackend:
         with fake_mode:
             _Compiler(split_gm).run(*fake_inputs)
 
+    def _transform(self, piece: Piece, fake_args: list[Any]) -> torch.fx.GraphModule:
+        """Lower a piece to ATen and run the passes on it (ATen, because that is where the fusion
+        patterns are stable: method/function spellings and dtype casts are normalised)."""
+        if self.pass_manager is None:
+            return piece.module
+        start = time.perf_counter()
+        aten = make_fx(piece.module, tracing_mode="fake", _allow_non_fake_inputs=True)(*fake_args)
+        before = dict(self.pass_manager.match_counts)
+        if self.dump:
+            self._pass_code["aten"].append(aten.code)
+            self.pass_manager.graphs_after.clear()
+        aten = self.pass_manager(aten)
+        for name, total in self.pass_manager.match_counts.items():
+            counters.pass_matches[name] += total - before.get(name, 0)
+        if self.dump:
+            for name, code in self.pass_manager.graphs_after.items():
+                self._pass_code[name].append(code)
+        self.timings["passes_s"] = self.timings.get("passes_s", 0.0) + time.perf_counter() - start
+        return aten
+
     def _compile_one(self, piece: Piece, fake_args: list[Any]) -> PiecewiseBackend:
-        general = compile_piece(piece.module, fake_args, self.backend, self.cache)
-        by_size = {size: compile_piece(piece.module, fake_args, self.backend, self.cache, size)
+        module = self._transform(piece, fake_args)
+        general = compile_piece(module, fake_args, self.backend, self.cache)
+        by_size = {size: compile_piece(module, fake_args, self.backend, self.cache, size)
                    for size in self.config.compile_sizes} if self.backend == "inductor" else {}
         capture = (self.config.resolved_capture_sizes()
                    if self.config.graph_mode in ("piecewise", "full_and_piecewise") else None)

@@ -103,8 +103,12 @@ class CompiledForward:
 
 
 def _pass_manager(config: CompilationConfig) -> Any | None:
-    """The pass pipeline for ``config`` (not wired into piece compilation yet: see passes/)."""
-    return None
+    """The pass pipeline for ``config``; None when it names no passes."""
+    if not config.passes:
+        return None
+    from passes.manager import PassManager  # imports torch._inductor: only when passes run
+
+    return PassManager.from_names(config.passes, record=config.dump_dir is not None)
 
 
 def support_torch_compile(cls: T | None = None, *, dynamic_arg_dims: dict[str, int | list[int]] | None = None,

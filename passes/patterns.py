@@ -70,6 +70,12 @@ def _distinct_outputs(extra_check: Callable[[Match], bool]) -> Callable[[Match],
     return check
 
 
+# torch >= 2.12 lets the replacement be traced without decompositions; 2.11 has no such argument
+# (and needs none: the replacements are single custom-op calls, which do not decompose).
+_REGISTER_KWARGS = ({"get_decomp_fn": _no_decompositions}
+                    if "get_decomp_fn" in inspect.signature(register_replacement).parameters else {})
+
+
 class PatternPass(GraphPass):
     """A GraphPass whose rewrites are registered patterns; subclasses implement ``register_patterns``."""
 
@@ -93,7 +99,7 @@ class PatternPass(GraphPass):
             register_replacement(
                 search_fn, replace_fn, list(inputs), trace_pattern, self._patterns,
                 extra_check=_distinct_outputs(extra_check), scalar_workaround=dict(scalars or {}),
-                skip_duplicates=True, get_decomp_fn=_no_decompositions,
+                skip_duplicates=True, **_REGISTER_KWARGS,
             )
 
     def source_objects(self) -> list[Any]:

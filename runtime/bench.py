@@ -83,7 +83,9 @@ def bench_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
                          "min_ms": 1e3 * min(times), "forward_ms": 1e3 * statistics.median(forward),
                          "cold_start_s": cold_start,
                          "graph_pool_mib": (pool.pool_bytes / 2**20) if pool else 0.0,
-                         "graphs": counters.graphs_captured, "replays": counters.graph_replays})
+                         "graphs": counters.graphs_captured, "replays": counters.graph_replays,
+                         "kernels_per_step": getattr(llm.engine, "bench_kernels_per_step", None),
+                         "pass_matches": sum(counters.pass_matches.values())})
         del llm, loaded
         current_platform.empty_cache()
     if args.hf_baseline:
@@ -107,9 +109,24 @@ def _decode_step_times(core, vocab: int, batch: int, args: argparse.Namespace) -
         core.step()
         times.append(time.perf_counter() - start)
     forward = _forward_times(core, args.steps)
+    if args.count_kernels:
+        core.bench_kernels_per_step = _kernels_per_step(core, 5)
     for rid in ids:
         core.abort_request(rid)
     return times, forward
+
+
+def _kernels_per_step(core, steps: int) -> float:
+    """Device kernels launched per engine step (torch profiler; a graph replay counts its kernels
+    only where the profiler sees inside graphs, so use this with graph_mode none)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            core.step()
+        current_platform.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels) / steps
 
 
 def _forward_times(core, steps: int) -> list[float]:
@@ -176,7 +193,7 @@ def _hf_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
                      "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
                      "min_ms": 1e3 * min(times), "forward_ms": 1e3 * statistics.median(times),
                      "cold_start_s": 0.0, "graph_pool_mib": 0.0, "graphs": 0,
-                     "replays": 0})
+                     "replays": 0, "kernels_per_step": None, "pass_matches": 0})
     return rows
 
 
@@ -233,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--steps", type=int, default=20, help="timed decode steps")
             s.add_argument("--warmup", type=int, default=3)
             s.add_argument("--hf-baseline", action="store_true", help="also time transformers eager decode")
+            s.add_argument("--count-kernels", action="store_true",
+                           help="count device kernels per decode step with the torch profiler")
         else:
             s.add_argument("--num-requests", type=int, default=64)
             s.add_argument("--input-len", type=int, default=128)
