@@ -1,4 +1,6 @@
 """mode="compile" through the engine: greedy tokens identical to eager, one trace for every step."""
+import json
+
 import pytest
 
 from compiler import CompilationConfig, counters
@@ -18,17 +20,31 @@ def _run(loaded, prompts):
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_smollm2_compiled_equals_eager(smollm2, smollm2_path, smollm2_tokenizer):
+def test_smollm2_compiled_equals_eager_with_and_without_passes(smollm2, smollm2_path, smollm2_tokenizer, tmp_path):
     prompts = [smollm2_tokenizer.encode(p) for p in
                ["The capital of France is", "def add(a, b):", "Once upon a time" * 8, "1 2 3"]]
     eager = _run(smollm2, prompts)
-    counters.reset()
-    compiled = load_model(smollm2_path, dtype="float32", device="cpu",
-                          compilation_config=CompilationConfig(mode="compile", backend="eager"))
-    assert _run(compiled, prompts) == eager
-    # One trace served the warm-up, chunked prefills (64-token budget) and every decode size.
-    assert counters.dynamo_traces == 1
-    assert counters.piecewise_graphs == compiled.config.num_hidden_layers + 1
+    layers = smollm2.config.num_hidden_layers
+    for passes in (["default"], []):
+        counters.reset()
+        compiled = load_model(smollm2_path, dtype="float32", device="cpu", compilation_config=CompilationConfig(
+            mode="compile", backend="eager", passes=passes, dump_dir=str(tmp_path / f"dump{len(passes)}")))
+        assert _run(compiled, prompts) == eager
+        # One trace served the warm-up, chunked prefills (64-token budget) and every decode size.
+        assert counters.dynamo_traces == 1
+        assert counters.piecewise_graphs == layers + 1
+    manifest = json.loads((tmp_path / "dump1" / "decoder" / "manifest.json").read_text())
+    matches = {p["name"]: p["matches"] for p in manifest["passes"]}
+    # What a Llama-style decoder implies: every residual add feeding a norm except the last
+    # (2 per layer - 1), the first and the final norm alone, one SwiGLU and one rotary per layer.
+    assert matches["fuse_add_rms_norm"] == 2 * layers - 1
+    assert matches["fuse_rms_norm"] == 2
+    assert matches["fuse_silu_mul"] == layers and matches["fuse_rotary"] == layers
+    # Nothing copies or clones the attention outputs: the op writes its buffer in place, and the
+    # pieces around it read that buffer directly.
+    final = (tmp_path / "dump1" / "decoder" / "after_fuse_silu_mul.py").read_text()
+    assert "copy_" not in final and "clone" not in final
+    assert "graphmode.fused_add_rms_norm" in final and "aten.rsqrt" not in final
 
 
 @pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
@@ -41,6 +57,9 @@ def test_tiny_qwen3_moe_compiled_equals_eager(tmp_path, backend):
                           compilation_config=CompilationConfig(mode="compile", backend=backend))
     assert _run(compiled, prompts) == eager
     assert counters.dynamo_traces == 1
+    # Qwen3 attention: q/k RMSNorm + rotary fused per layer; layer 1 is dense (mlp_only_layers).
+    assert counters.pass_matches["fuse_qk_norm_rotary"] == 2
+    assert counters.pass_matches["fuse_add_rms_norm"] == 3 and counters.pass_matches["fuse_silu_mul"] == 1
 
 
 @pytest.mark.parametrize("graph_mode", ["piecewise", "full", "full_and_piecewise"])
