@@ -22,7 +22,7 @@ from compiler.config import CompilationConfig
 from compiler.counters import counters
 from compiler.dump import GraphDump
 from compiler.piecewise import PiecewiseBackend, find_size_arg
-from compiler.split import Piece, split_graph
+from compiler.split import Piece, graph_op_counts, split_graph
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class GraphModeBackend:
         self.timings: dict[str, float] = {}
         self.split_module: torch.fx.GraphModule | None = None  # what Dynamo's code calls after the trace
         self._pass_code: dict[str, list[str]] = defaultdict(list)  # for dumps: per pass, each piece's code
+        self.compiled_op_counts: dict[str, dict[str, int]] = {}  # piece name -> ops of what was compiled
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         counters.dynamo_traces += 1
@@ -59,7 +60,7 @@ class GraphModeBackend:
                     len(compiled), len(self.pieces) - len(compiled), self.backend, self.timings["compile_s"],
                     cache_state)
         if self.dump:
-            self.dump.record_pieces(self.pieces)
+            self.dump.record_pieces(self.pieces, self.compiled_op_counts)
             self._dump_passes()
             self.dump.set(config=self.config.to_dict(), backend=self.backend, cache=cache_state,
                           timings_s=dict(self.timings), counters=counters.snapshot())
@@ -75,10 +76,10 @@ class GraphModeBackend:
         entries = []
         for name in self.pass_manager.names:
             self.dump.write_text(f"after_{name}", "\n\n".join(self._pass_code[name]), f"{self.tag}: after pass {name}")
-            entries.append({"name": name, "matches": counters.pass_matches.get(name, 0), "file": f"after_{name}.py",
+            entries.append({"name": name, "matches": self.pass_manager.match_counts.get(name, 0), "file": f"after_{name}.py",
                             "before": previous})
             previous = f"after_{name}.py"
-        self.dump.set(passes=entries)
+        self.dump.set(passes=entries, passes_stage="pieces")  # passes ran on each piece, after the split
 
     def _cache_state(self, hits_before: int, misses_before: int) -> str:
         if self.cache is None:
@@ -128,9 +129,16 @@ class GraphModeBackend:
         return aten
 
     def _compile_one(self, piece: Piece, fake_args: list[Any]) -> PiecewiseBackend:
-        module = self._transform(piece, fake_args)
-        general = compile_piece(module, fake_args, self.backend, self.cache)
-        by_size = {size: compile_piece(module, fake_args, self.backend, self.cache, size)
+        transformed: list[torch.fx.GraphModule] = []
+
+        def transform() -> torch.fx.GraphModule:  # run the passes at most once, and only if needed
+            if not transformed:
+                transformed.append(self._transform(piece, fake_args))
+                self.compiled_op_counts[piece.name] = graph_op_counts(transformed[0])
+            return transformed[0]
+
+        general = compile_piece(piece.module, fake_args, self.backend, self.cache, transform=transform)
+        by_size = {size: compile_piece(piece.module, fake_args, self.backend, self.cache, size, transform)
                    for size in self.config.compile_sizes} if self.backend == "inductor" else {}
         capture = (self.config.resolved_capture_sizes()
                    if self.config.graph_mode in ("piecewise", "full_and_piecewise") else None)

@@ -60,28 +60,35 @@ def _unwrap_single(fn: Callable) -> Callable:
     return call
 
 
-def compile_piece(gm: torch.fx.GraphModule, fake_args: list[Any], backend: str, cache: CompileCache | None,
-                  size: int | None = None) -> Callable:
-    """A callable for ``gm``; ``size`` None means the dynamic-shape compile."""
-    fn = _compile(gm, fake_args, backend, cache, size)
-    return _unwrap_single(fn) if backend != "eager" and _returns_single_value(gm) else fn
+def compile_piece(piece: torch.fx.GraphModule, fake_args: list[Any], backend: str, cache: CompileCache | None,
+                  size: int | None = None, transform: Callable[[], torch.fx.GraphModule] | None = None) -> Callable:
+    """A callable for ``piece``; ``size`` None means the dynamic-shape compile.
+
+    ``transform`` produces the graph to compile (the piece after passes). The cache key is taken
+    from the untransformed piece (the pass pipeline is part of the global key), so a cache hit
+    skips the passes as well as Inductor.
+    """
+    transform = transform or (lambda: piece)
+    fn = _compile(piece, transform, fake_args, backend, cache, size)
+    return _unwrap_single(fn) if backend != "eager" and _returns_single_value(piece) else fn
 
 
-def _compile(gm: torch.fx.GraphModule, fake_args: list[Any], backend: str, cache: CompileCache | None,
-             size: int | None) -> Callable:
+def _compile(piece: torch.fx.GraphModule, transform: Callable[[], torch.fx.GraphModule], fake_args: list[Any],
+             backend: str, cache: CompileCache | None, size: int | None) -> Callable:
     counters.backend_compilations += 1
     if backend == "eager":
-        return gm
+        return transform()
     if backend != "inductor":
         raise ValueError(f"unknown compile backend {backend!r} (known: eager, inductor)")
     example = fake_args if size is None else concrete_inputs(fake_args, size)
-    key = cache.key_for(gm, example, size) if cache is not None else None
+    key = cache.key_for(piece, example, size) if cache is not None else None
     if key is not None:
         artifact = cache.load(key)
         if artifact is not None:
             counters.cache_hits += 1
             return artifact
         counters.cache_misses += 1
+    gm = transform()
     gm_copy = torch.fx.GraphModule(gm, gm.graph) if size is not None else gm
     artifact = _inductor_compile(gm_copy, example, static=size is not None)
     if key is not None:

@@ -21,12 +21,17 @@ class Piece:
     module: torch.fx.GraphModule
 
     def op_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for node in self.module.graph.nodes:
-            if node.op in ("call_function", "call_method", "call_module"):
-                key = node_target_name(node)
-                counts[key] = counts.get(key, 0) + 1
-        return counts
+        return graph_op_counts(self.module)
+
+
+def graph_op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """How many times each op is called in ``gm`` (by ``node_target_name``)."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            key = node_target_name(node)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def node_target_name(node: torch.fx.Node) -> str:

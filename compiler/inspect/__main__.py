@@ -185,6 +185,23 @@ def graph_output(tag: Tag, args: argparse.Namespace) -> tuple[str, dict[str, Any
     return content, facts
 
 
+def _compiled_ops(tag: Tag) -> Counter:
+    """Ops of what was compiled (after passes) summed over compiled pieces; the traced ops otherwise."""
+    total: Counter = Counter()
+    for piece in tag.manifest.get("pieces", []):
+        if not piece.get("is_splitting_op"):
+            total.update(piece.get("compiled_op_counts") or piece.get("op_counts") or {})
+    return total
+
+
+def _compiled_op_facts(tag_a: Tag, tag_b: Tag) -> dict[str, Any]:
+    ca, cb = _compiled_ops(tag_a), _compiled_ops(tag_b)
+    return {"compiled_ops": {"a": sum(ca.values()), "b": sum(cb.values())},
+            "compiled_op_deltas": {op: {"a": ca[op], "b": cb[op], "delta": cb[op] - ca[op]}
+                                   for op in sorted(set(ca) | set(cb), key=lambda o: (-abs(cb[o] - ca[o]), o))
+                                   if ca[op] != cb[op]}}
+
+
 def compare_facts(a: Dump, b: Dump) -> dict[str, Any]:
     tags = []
     for name in list(a.tags) + [t for t in b.tags if t not in a.tags]:
@@ -209,6 +226,7 @@ def compare_facts(a: Dump, b: Dump) -> dict[str, Any]:
             entry["pass_matches"] = {k: {"a": sa["pass_matches"].get(k), "b": sb["pass_matches"].get(k)}
                                      for k in list(sa["pass_matches"]) + [k for k in sb["pass_matches"]
                                                                           if k not in sa["pass_matches"]]}
+            entry.update(_compiled_op_facts(a.tags[name], b.tags[name]))
             conf_a, conf_b = a.tags[name].config, b.tags[name].config
             entry["config_changes"] = {k: {"a": conf_a.get(k), "b": conf_b.get(k)}
                                        for k in sorted(set(conf_a) | set(conf_b))

@@ -173,7 +173,10 @@ class Tag:
             return file_name, f.read()
 
     def pre_split_stage(self) -> str | None:
-        """The graph that was split into pieces: the last pass's output if any, else Dynamo's."""
+        """The graph that was split into pieces: Dynamo's when the passes ran on the pieces (as
+        graphmode's compiler does, manifest ``passes_stage: "pieces"``), else the last pass's output."""
+        if self.manifest.get("passes_stage") == "pieces":
+            return "dynamo" if self._exists("dynamo.py") else None
         for entry in reversed(self.passes):
             if entry.file and self._exists(entry.file):
                 return f"after:{entry.name}"

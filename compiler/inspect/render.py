@@ -149,7 +149,9 @@ def render_compare(facts: dict[str, Any]) -> str:
         if not (t["in_a"] and t["in_b"]):
             out.append(f"  only in {'A' if t['in_a'] else 'B'}")
             continue
-        rows = [["ops", t["ops_a"], t["ops_b"], signed(t["ops_b"] - t["ops_a"])]]
+        rows = [["ops", t["ops_a"], t["ops_b"], signed(t["ops_b"] - t["ops_a"])],
+                ["compiled ops", t["compiled_ops"]["a"], t["compiled_ops"]["b"],
+                 signed(t["compiled_ops"]["b"] - t["compiled_ops"]["a"])]]
         for key in ("pieces", "compiled_pieces", "splitting_pieces", "longest_chain"):
             rows.append([key.replace("_", " "), t[key]["a"], t[key]["b"], signed(t[key]["b"] - t[key]["a"])])
         for key, v in t["timings_s"].items():
@@ -163,6 +165,10 @@ def render_compare(facts: dict[str, Any]) -> str:
                                                        for op, v in t["op_deltas"].items()])]
         else:
             out.append("  same op histogram")
+        if t["compiled_op_deltas"]:
+            out += ["", "  compiled graphs (after passes):",
+                    table(["op", "A", "B", "B-A"], [[op, v["a"], v["b"], signed(v["delta"])]
+                                                    for op, v in list(t["compiled_op_deltas"].items())[:20]])]
         if t["pass_matches"]:
             out += ["", table(["pass", "matches A", "matches B"],
                               [[n, v["a"], v["b"]] for n, v in t["pass_matches"].items()])]
