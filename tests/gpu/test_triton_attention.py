@@ -15,19 +15,12 @@ import torch
 
 from runtime.attention.metadata import AttentionMetadata
 
+from tests.gpu import triton_device  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = torch.device(os.environ.get("GRAPHMODE_TEST_DEVICE") or ("cpu" if INTERPRET else "cuda"))
-
-if DEVICE.type == "cuda" and not torch.cuda.is_available():
-    _reason = "CUDA is not available (set TRITON_INTERPRET=1 to run these tests on CPU)"
-    print(f"skipping {__name__}: {_reason}")
-    pytest.skip(_reason, allow_module_level=True)
-if DEVICE.type != "cuda" and not INTERPRET:
-    pytest.skip(f"device {DEVICE} needs TRITON_INTERPRET=1", allow_module_level=True)
-
-triton = pytest.importorskip("triton")
+DEVICE = triton_device.select(__name__)
+INTERPRET = triton_device.INTERPRET
 
 
 def _fix_interpreter_scalars() -> None:
