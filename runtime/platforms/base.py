@@ -4,6 +4,7 @@ This package is a leaf: it imports nothing else of ours, so every other module m
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, ContextManager
 import torch
@@ -49,6 +50,29 @@ class Platform:
 
     def memory_allocated(self) -> int:
         return 0
+
+    # ---- streams, events, devices (CPU has one implicit stream: these are no-ops there) ----
+    supports_streams: bool = False
+
+    def device_count(self) -> int:
+        return 1
+
+    def set_device(self, index: int) -> None:
+        return None
+
+    def new_stream(self) -> Any:
+        """A new side stream, or None where the device has a single implicit stream."""
+        return None
+
+    def current_stream(self) -> Any:
+        return None
+
+    def stream_context(self, stream: Any) -> ContextManager[Any]:
+        """Make ``stream`` current inside the block (``None`` means: leave the current one)."""
+        return contextlib.nullcontext()
+
+    def new_event(self) -> Any:
+        return None
 
     def configure_process(self) -> None:
         """One-time, per-process settings (threads and the like) before a model runs."""

@@ -48,6 +48,26 @@ class CudaPlatform(Platform):
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated()
 
+    supports_streams = True
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    def set_device(self, index: int) -> None:
+        torch.cuda.set_device(index)
+
+    def new_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.Stream()
+
+    def current_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream()
+
+    def stream_context(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def new_event(self) -> torch.cuda.Event:
+        return torch.cuda.Event()
+
     def device_name(self) -> str:
         return torch.cuda.get_device_name()
 
