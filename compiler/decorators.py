@@ -4,7 +4,7 @@ The config comes from the constructor keyword ``compilation_config=``, else the 
 ``compiler.use_config(...)`` block, else ``CompilationConfig()``. The first call marks the dynamic
 dims (dim 0 of every tensor argument unless ``dynamic_arg_dims`` says otherwise) and traces once;
 Dynamo's guards are then dropped so every later token count runs the same compiled code with no
-re-trace. ``debug=True`` keeps the guards and turns a would-be recompile into a clear error.
+re-trace, and later calls go straight to the compiled graph (``compiler/direct_call.py``). ``debug=True`` keeps the guards and turns a would-be recompile into a clear error.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch.fx.experimental._config as fx_config
 
 from compiler.backend import GraphModeBackend
 from compiler.config import CompilationConfig, current_config
+from compiler.direct_call import DirectCall, RecordingBackend, plan_direct_call
 from runtime.platforms import current_platform
 
 logger = logging.getLogger(__name__)
@@ -59,14 +60,16 @@ class CompiledForward:
         backend_name = config.resolved_backend(current_platform.default_compile_backend)
         self.backend = GraphModeBackend(config, tag, backend_name, _source_hash(type(module)), current_platform.name,
                                         _pass_manager(config))
+        self.recorder = RecordingBackend(self.backend)
         # Without debug every guard goes: one trace serves every token count. With debug the shape
         # guards still go (they would pin 0/1 sizes), the rest stay so a real change is caught.
         keep = (lambda guards: [g.guard_type != "SHAPE_ENV" for g in guards]) if config.debug else \
             (lambda guards: [False] * len(guards))
         options = {"guard_filter_fn": keep}
-        self.compiled = torch.compile(_fresh_function(forward), backend=self.backend, fullgraph=True,
+        self.compiled = torch.compile(_fresh_function(forward), backend=self.recorder, fullgraph=True,
                                       dynamic=False, options=options)
         self.traced = False
+        self.direct: DirectCall | None = None  # after the first trace (not in debug: guards stay on)
 
     def _mark_dynamic(self, bound: inspect.BoundArguments) -> None:
         for name, value in bound.arguments.items():
@@ -90,7 +93,11 @@ class CompiledForward:
             with fx_config.patch(backed_size_oblivious=True):
                 out = self.compiled(module, *args, **kwargs)
             self.traced = True
+            if not self.config.debug:
+                self.direct = plan_direct_call(self.signature, self.recorder.first, module, args, kwargs, out, self.tag)
             return out
+        if self.direct is not None:
+            return self.direct(module, *args, **kwargs)
         if self.config.debug:
             try:
                 with torch._dynamo.config.patch(error_on_recompile=True):

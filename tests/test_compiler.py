@@ -137,3 +137,47 @@ def test_dump_dir_writes_readable_graphs_and_manifest(tmp_path):
         source = (tag_dir / f"{name}.py").read_text()
         compile(source, name, "exec")  # readable, valid Python
         assert "def forward" in source
+
+
+def test_after_the_first_trace_calls_skip_dynamo():
+    model = Toy(compilation_config=CompilationConfig(mode="compile", backend="eager",
+                                                     splitting_ops=["graphmode_test::mix"]))
+    with torch.no_grad():
+        model(torch.randn(3, 16), torch.rand(3))
+        compiled = model._compiled_forward
+        assert compiled.direct is not None
+
+        def dynamo_entered(*args, **kwargs):
+            raise AssertionError("Dynamo's frame was entered after the first trace")
+
+        compiled.compiled = dynamo_entered
+        for n in (1, 7, 33):
+            x, scale = torch.randn(n, 16), torch.rand(n)
+            torch.testing.assert_close(model(x, scale), _reference(model, x, scale), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(x, scale=scale), _reference(model, x, scale), atol=1e-5, rtol=1e-5)
+
+
+@support_torch_compile(dynamic_arg_dims={"x": 0, "extra": 0})
+class TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None):
+        h = self.proj(x)
+        if extra is not None:
+            h = h + extra
+        return h, h.sum(dim=-1)
+
+
+def test_direct_call_keeps_tuple_outputs_and_refuses_an_argument_traced_as_none():
+    model = TwoOutputs(compilation_config=CompilationConfig(mode="compile", backend="eager"))
+    with torch.no_grad():
+        model(torch.randn(2, 8))
+        x = torch.randn(5, 8)
+        h, s = model(x)
+        ref_h, ref_s = type(model).original_forward(model, x)
+        torch.testing.assert_close(h, ref_h)
+        torch.testing.assert_close(s, ref_s)
+        with pytest.raises(TypeError, match="'extra' was None when the model was traced"):
+            model(x, torch.ones(5, 8))

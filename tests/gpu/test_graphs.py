@@ -19,6 +19,9 @@ MODES = {
     "full": dict(mode="eager", graph_mode="full", capture_sizes=SIZES, debug=True),
     "full_and_piecewise": dict(mode="compile", backend="eager", graph_mode="full_and_piecewise",
                                capture_sizes=SIZES),
+    # The fusion passes on and off, without graphs: Triton fused kernels against the unfused ops.
+    "compiled_no_passes": dict(mode="compile", backend="eager", passes=[]),
+    "compiled_passes": dict(mode="compile", backend="eager"),
 }
 
 
@@ -45,6 +48,7 @@ def results(smollm2_path):
         prompts, params = _workload(llm.tokenizer)
         tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         out[name] = dict(tokens=tokens, captured=captured, replays=counters.graph_replays,
+                         pass_matches=sum(counters.pass_matches.values()),
                          pieces=counters.piecewise_graphs, free=llm.engine.kv_cache.num_used_blocks == 0)
         del llm, loaded
         torch.cuda.empty_cache()
@@ -66,3 +70,10 @@ def test_one_capture_per_size_per_mode_and_replays(results):
     assert both["captured"] == len(full_sizes) + len(SIZES) * both["pieces"]
     for mode in ("piecewise", "full", "full_and_piecewise"):
         assert results[mode]["replays"] > 0
+
+
+def test_fusion_passes_keep_bf16_greedy_tokens(results):
+    assert results["compiled_no_passes"]["pass_matches"] == 0
+    assert results["compiled_passes"]["pass_matches"] > 0
+    assert results["compiled_passes"]["tokens"] == results["compiled_no_passes"]["tokens"]
+    assert results["compiled_passes"]["tokens"] == results["none"]["tokens"]
