@@ -4,7 +4,8 @@ The config comes from the constructor keyword ``compilation_config=``, else the 
 ``compiler.use_config(...)`` block, else ``CompilationConfig()``. The first call marks the dynamic
 dims (dim 0 of every tensor argument unless ``dynamic_arg_dims`` says otherwise) and traces once;
 Dynamo's guards are then dropped so every later token count runs the same compiled code with no
-re-trace, and later calls go straight to the compiled graph (``compiler/direct_call.py``). ``debug=True`` keeps the guards and turns a would-be recompile into a clear error.
+re-trace, and later calls go straight to the compiled graph (``compiler/direct_call.py``).
+``debug=True`` keeps the guards and turns a would-be recompile into a clear error.
 """
 from __future__ import annotations
 
