@@ -60,7 +60,7 @@ class CompiledForward:
         self.dynamic_arg_dims = dynamic_arg_dims
         backend_name = config.resolved_backend(current_platform.default_compile_backend)
         self.backend = GraphModeBackend(config, tag, backend_name, _source_hash(type(module)), current_platform.name,
-                                        _pass_manager(config))
+                                        _pass_manager(config, backend_name))
         self.recorder = RecordingBackend(self.backend)
         # Without debug every guard goes: one trace serves every token count. With debug the shape
         # guards still go (they would pin 0/1 sizes), the rest stay so a real change is caught.
@@ -110,13 +110,13 @@ class CompiledForward:
         return self.compiled(module, *args, **kwargs)
 
 
-def _pass_manager(config: CompilationConfig) -> Any | None:
-    """The pass pipeline for ``config``; None when it names no passes."""
+def _pass_manager(config: CompilationConfig, backend: str) -> Any | None:
+    """The pass pipeline for ``config`` ("default" depends on ``backend``); None when it names no passes."""
     if not config.passes:
         return None
     from passes.manager import PassManager  # imports torch._inductor: only when passes run
 
-    return PassManager.from_names(config.passes, record=config.dump_dir is not None)
+    return PassManager.from_names(config.passes, record=config.dump_dir is not None, backend=backend)
 
 
 def support_torch_compile(cls: T | None = None, *, dynamic_arg_dims: dict[str, int | list[int]] | None = None,
