@@ -1,4 +1,5 @@
-"""Compiling one piece with the configured backend ("eager" or "inductor"), through the compile cache."""
+"""Compiling one piece with the configured backend ("eager", "inductor" or one the platform provides,
+such as Ascend's graph compiler), through the compile cache (inductor only)."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ import torch
 
 from compiler.cache import CompileCache
 from compiler.counters import counters
+from runtime.platforms import current_platform
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,15 @@ def _unwrap_single(fn: Callable) -> Callable:
     return call
 
 
+def _platform_compile(backend: str, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    """A compile backend the platform provides (e.g. Ascend's graph compiler); the passes already ran."""
+    compile_fn = current_platform.compile_backend(backend)
+    if compile_fn is None:
+        known = ", ".join(("eager", "inductor", *current_platform.extra_compile_backends))
+        raise ValueError(f"unknown compile backend {backend!r} on platform {current_platform.name} (known: {known})")
+    return compile_fn(gm, example_inputs)
+
+
 def compile_piece(piece: torch.fx.GraphModule, fake_args: list[Any], backend: str, cache: CompileCache | None,
                   size: int | None = None, transform: Callable[[], torch.fx.GraphModule] | None = None) -> Callable:
     """A callable for ``piece``; ``size`` None means the dynamic-shape compile.
@@ -78,9 +89,9 @@ def _compile(piece: torch.fx.GraphModule, transform: Callable[[], torch.fx.Graph
     counters.backend_compilations += 1
     if backend == "eager":
         return transform()
-    if backend != "inductor":
-        raise ValueError(f"unknown compile backend {backend!r} (known: eager, inductor)")
     example = fake_args if size is None else concrete_inputs(fake_args, size)
+    if backend != "inductor":
+        return _platform_compile(backend, transform(), example)
     key = cache.key_for(piece, example, size) if cache is not None else None
     if key is not None:
         artifact = cache.load(key)

@@ -33,9 +33,11 @@ def attention_backend(name: str | None = None) -> ModuleType:
 
 @functools.cache
 def _backend_module(name: str) -> ModuleType:
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
-    return importlib.import_module(_BACKENDS[name])
+    # Generic backends live here; a platform adds its own (Ascend's, for one).
+    backends = {**_BACKENDS, **current_platform.extra_attention_backends()}
+    if name not in backends:
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(backends)}")
+    return importlib.import_module(backends[name])
 
 
 @torch.library.custom_op(ATTENTION_OP, mutates_args=("out",))

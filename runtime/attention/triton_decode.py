@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.platforms import current_platform
+
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 16
 # A split shorter than this (in cache capacity) costs more in the merge than it saves.
@@ -122,9 +124,9 @@ def _merge_splits_kernel(
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter runs: pretend to be an H100 so the split path gets exercised
+    count = current_platform.multiprocessor_count(device)
+    # None: interpreter runs on CPU tensors; pretend to be an H100 so the split path gets exercised.
+    return count if count is not None else 132
 
 
 def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_size: int,

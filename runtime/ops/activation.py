@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime.ops.kernels import triton_module, use_triton
+from runtime.ops.kernels import run_platform_kernel, triton_module, use_triton
 
 SILU_AND_MUL_OP = "graphmode::silu_and_mul"
 
@@ -21,6 +21,9 @@ def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op(SILU_AND_MUL_OP, mutates_args=())
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [..., 2I] -> [..., I]."""
+    result = run_platform_kernel(SILU_AND_MUL_OP, gate_up)
+    if result is not None:
+        return result
     if gate_up.shape[-1] % 2 == 0 and use_triton(gate_up):
         return triton_module("triton_activation").silu_and_mul(gate_up)
     return silu_and_mul_reference(gate_up)

@@ -1,14 +1,17 @@
-"""Which implementation serves a fused op: the torch reference or a Triton kernel.
+"""Which implementation serves a fused op: the platform's own kernel, a Triton kernel, or the reference.
 
-``current_platform.op_kernels`` decides ("torch" on CPU, "triton" on CUDA with triton installed);
-``GRAPHMODE_OP_KERNELS=torch|triton`` overrides it (e.g. to compare against the reference on a GPU).
-Triton modules are imported on first use only, so a CPU process never imports triton.
+A platform may provide its own kernel for an op (``current_platform.op_kernel``: the vendor
+library's kernels on Ascend); otherwise ``current_platform.op_kernels`` picks the generic path
+("torch" on CPU, "triton" on CUDA with triton installed). ``GRAPHMODE_OP_KERNELS=torch|triton``
+overrides both (e.g. "torch" to compare against the reference on a device). Triton modules are
+imported on first use only, so a CPU process never imports triton.
 """
 from __future__ import annotations
 
 import importlib
 import os
 from types import ModuleType
+from typing import Any, Callable
 
 import torch
 
@@ -25,12 +28,26 @@ def kernel_provider() -> str:
     return name
 
 
+def platform_kernel(op_name: str) -> Callable[..., Any] | None:
+    """The platform's own kernel for ``op_name`` (it returns None to decline a call), unless overridden."""
+    if os.environ.get(KERNELS_ENV):
+        return None
+    return current_platform.op_kernel(op_name)
+
+
+def run_platform_kernel(op_name: str, *args: Any) -> Any | None:
+    """The platform kernel's result for this call, or None when there is none or it declines."""
+    kernel = platform_kernel(op_name)
+    return kernel(*args) if kernel is not None else None
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Triton serves the call when the platform asks for it and the tensors live where Triton runs."""
     if kernel_provider() != "triton":
         return False
     # The interpreter runs Triton on CPU tensors (kernel tests on machines without a GPU).
-    on_device = os.environ.get("TRITON_INTERPRET") == "1" or all(t.is_cuda for t in tensors)
+    device_type = current_platform.device_type
+    on_device = os.environ.get("TRITON_INTERPRET") == "1" or all(t.device.type == device_type for t in tensors)
     return on_device
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.ops.kernels import triton_module
+from runtime.ops.kernels import run_platform_kernel, triton_module
 from runtime.ops.rms_norm import rms_norm_reference
 from runtime.ops.rotary import rotary_embedding_reference, triton_rotary_ok
 
@@ -29,6 +29,10 @@ def qk_norm_rotary(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
     eps: float, cos_sin_cache: torch.Tensor, head_dim: int, is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    result = run_platform_kernel(QK_NORM_ROTARY_OP, positions, q, k, q_weight, k_weight, eps, cos_sin_cache,
+                                 head_dim, is_neox)
+    if result is not None:
+        return result
     weights_fit = all(w.dtype == q.dtype and w.shape == (head_dim,) for w in (q_weight, k_weight))
     per_head = q.shape[-1] == head_dim and k.shape[-1] == head_dim  # the norm runs over the last dim
     if weights_fit and per_head and triton_rotary_ok(positions, q, k, cos_sin_cache, head_dim):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.ops.kernels import triton_module, use_triton
+from runtime.ops.kernels import run_platform_kernel, triton_module, use_triton
 
 RMS_NORM_OP = "graphmode::rms_norm"
 FUSED_ADD_RMS_NORM_OP = "graphmode::fused_add_rms_norm"
@@ -44,6 +44,9 @@ def _triton_ok(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> 
 @torch.library.custom_op(RMS_NORM_OP, mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` [..., H] with ``weight`` [H]."""
+    result = run_platform_kernel(RMS_NORM_OP, x, weight, eps)
+    if result is not None:
+        return result
     if _triton_ok(x, weight):
         return triton_module("triton_rms_norm").rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
@@ -59,6 +62,9 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual), x + residual)``; the sum is the new residual stream."""
+    result = run_platform_kernel(FUSED_ADD_RMS_NORM_OP, x, residual, weight, eps)
+    if result is not None:
+        return result
     if _triton_ok(x, weight, residual) and x.shape == residual.shape:
         return triton_module("triton_rms_norm").fused_add_rms_norm(x, residual, weight, eps)
     return fused_add_rms_norm_reference(x, residual, weight, eps)

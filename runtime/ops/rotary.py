@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.ops.kernels import triton_module, use_triton
+from runtime.ops.kernels import run_platform_kernel, triton_module, use_triton
 
 ROTARY_EMBEDDING_OP = "graphmode::rotary_embedding"
 
@@ -52,6 +52,9 @@ def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, head_dim: int,
     is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    result = run_platform_kernel(ROTARY_EMBEDDING_OP, positions, q, k, cos_sin_cache, head_dim, is_neox)
+    if result is not None:
+        return result
     if triton_rotary_ok(positions, q, k, cos_sin_cache, head_dim):
         return triton_module("triton_rotary").rotary_embedding(positions, q, k, cos_sin_cache, head_dim, is_neox)
     return rotary_embedding_reference(positions, q, k, cos_sin_cache, head_dim, is_neox)

@@ -1,9 +1,12 @@
-"""Platform detection. ``current_platform`` is npu if torch_npu imports, else cuda, else cpu.
+"""Platform detection. ``current_platform`` is npu if torch_npu is installed and sees a device,
+else cuda, else cpu.
 
-``GRAPHMODE_PLATFORM=cpu|cuda|npu`` forces a choice (for tests and for running a GPU host on CPU).
+``GRAPHMODE_PLATFORM`` forces a choice: ``cpu``, ``cuda``, ``npu``, or ``package.module:Class`` for
+an out-of-tree Platform subclass (how a new device is tried without editing this package).
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -17,23 +20,65 @@ logger = logging.getLogger(__name__)
 PLATFORM_ENV = "GRAPHMODE_PLATFORM"
 
 
-def _detect() -> Platform:
-    forced = os.environ.get(PLATFORM_ENV, "").strip().lower()
+class PlatformUnavailable(RuntimeError):
+    """The requested platform cannot be used on this machine."""
+
+
+def npu_installed() -> bool:
+    # find_spec looks the package up without importing it: machines without torch_npu never load it.
+    return importlib.util.find_spec("torch_npu") is not None
+
+
+def _npu_platform() -> Platform:
+    from runtime.platforms.npu import NpuPlatform  # imports torch_npu
+
+    return NpuPlatform()
+
+
+def _plugin_platform(spec: str) -> Platform:
+    module_name, _, class_name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise PlatformUnavailable(f"{PLATFORM_ENV}={spec!r}: cannot load the platform class ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Platform)):
+        raise PlatformUnavailable(f"{PLATFORM_ENV}={spec!r} is not a subclass of runtime.platforms.Platform")
+    return cls()
+
+
+def select_platform(forced: str = "") -> Platform:
+    """The platform named by ``forced`` (a GRAPHMODE_PLATFORM value), or the detected one when empty."""
+    forced = forced.strip()
+    if ":" in forced:
+        return _plugin_platform(forced)
+    forced = forced.lower()
     if forced == "cpu":
         return CpuPlatform()
     if forced == "cuda":
         return CudaPlatform()
+    if forced == "npu":
+        if not npu_installed():
+            raise PlatformUnavailable(f"{PLATFORM_ENV}=npu, but torch_npu is not installed "
+                                      "(pip install 'graphmode[npu]'; see docs/platforms.md)")
+        return _npu_platform()
     if forced:
-        raise ValueError(f"{PLATFORM_ENV}={forced!r} is not a known platform (choose cpu or cuda)")
-    # find_spec does not import torch_npu: machines without it never touch it.
-    if importlib.util.find_spec("torch_npu") is not None:
-        logger.info("torch_npu is installed but the NPU platform is not built yet; using %s",
-                    "cuda" if CudaPlatform.is_available() else "cpu")
+        raise ValueError(f"{PLATFORM_ENV}={forced!r} is not a known platform "
+                         "(choose cpu, cuda, npu, or package.module:PlatformClass)")
+    if npu_installed():
+        try:
+            platform = _npu_platform()
+        except ImportError as e:  # a broken install (e.g. no CANN toolkit) must not stop a CUDA/CPU host
+            logger.warning("torch_npu is installed but does not import (%s); not using the NPU platform", e)
+        else:
+            if platform.is_available():
+                return platform
+            logger.info("torch_npu is installed but sees no NPU device; not using the NPU platform")
     if CudaPlatform.is_available():
         return CudaPlatform()
     return CpuPlatform()
 
 
-current_platform: Platform = _detect()
+current_platform: Platform = select_platform(os.environ.get(PLATFORM_ENV, ""))
 
-__all__ = ["current_platform", "Platform", "MemoryInfo", "CpuPlatform", "CudaPlatform", "PLATFORM_ENV"]
+__all__ = ["current_platform", "select_platform", "npu_installed", "Platform", "PlatformUnavailable", "MemoryInfo",
+           "CpuPlatform", "CudaPlatform", "PLATFORM_ENV"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 import torch
 
 
@@ -21,12 +21,17 @@ class Platform:
 
     name: str = "base"
     device_type: str = "cpu"
-    # Name of the attention backend module in runtime/attention ("torch", "triton", "npu").
+    # Attention backend name: a generic one of runtime/attention ("torch", "triton") or one this
+    # platform provides through extra_attention_backends() (e.g. "npu").
     attention_backend: str = "torch"
-    # Kernel provider for fused custom ops in runtime/ops ("torch", "triton", "npu").
+    # Generic kernel provider for fused custom ops in runtime/ops ("torch", "triton"); a platform's
+    # own kernels (op_kernel) take precedence over it.
     op_kernels: str = "torch"
     default_compile_backend: str = "inductor"
     dist_backend: str = "gloo"
+    # How tensor-parallel worker processes start: "spawn" is the only safe way once a device
+    # runtime may be initialised; a platform without one can "fork" (no re-import, warm compiler).
+    worker_start_method: str = "spawn"
     supports_static_graphs: bool = False
     # Whether peak device memory of a dummy step can be measured (sizes the KV cache from it).
     supports_memory_profiling: bool = False
@@ -50,6 +55,34 @@ class Platform:
 
     def memory_allocated(self) -> int:
         return 0
+
+    # ---- kernels, attention and compile backends the platform itself provides -------------
+    def op_kernel(self, op_name: str) -> Callable[..., Any] | None:
+        """The platform's own kernel for custom op ``op_name`` ("graphmode::rms_norm", ...), or None.
+
+        A kernel takes the op's arguments and returns its result, or None to decline a call it
+        cannot serve (dtype, shape); the op then runs its generic path (Triton or the torch reference).
+        """
+        return None
+
+    def extra_attention_backends(self) -> dict[str, str]:
+        """Attention backend name -> module path (with ``store_kv`` and ``paged_attention``)."""
+        return {}
+
+    # Compile backends besides "eager" and "inductor" (e.g. "torchair"), for error messages.
+    extra_compile_backends: tuple[str, ...] = ()
+
+    def compile_backend(self, name: str) -> Callable[[torch.fx.GraphModule, list[Any]], Callable] | None:
+        """A compile function ``(graph_module, example_inputs) -> callable`` for backend ``name``."""
+        return None
+
+    def multiprocessor_count(self, device: torch.device) -> int | None:
+        """Compute units of ``device`` (kernels size their grids by it); None where unknown."""
+        return None
+
+    def profiler_kernel_activity(self) -> tuple[Any, Any] | None:
+        """(torch.profiler.ProfilerActivity, torch.autograd.DeviceType) of device kernels, or None."""
+        return None
 
     # ---- streams, events, devices (CPU has one implicit stream: these are no-ops there) ----
     supports_streams: bool = False

@@ -29,6 +29,7 @@ class CpuPlatform(Platform):
     op_kernels = "torch"
     default_compile_backend = "inductor"
     dist_backend = "gloo"
+    worker_start_method = "fork"  # measured: a tiny piecewise TP=2 start 30 s (spawn) -> 7.5 s
     supports_static_graphs = False
 
     def configure_process(self) -> None:

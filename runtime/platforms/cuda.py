@@ -48,6 +48,16 @@ class CudaPlatform(Platform):
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated()
 
+    def multiprocessor_count(self, device: torch.device) -> int | None:
+        if device.type != "cuda":
+            return None
+        return torch.cuda.get_device_properties(device).multi_processor_count
+
+    def profiler_kernel_activity(self) -> tuple[Any, Any]:
+        from torch.profiler import ProfilerActivity
+
+        return ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA
+
     supports_streams = True
 
     def device_count(self) -> int:
