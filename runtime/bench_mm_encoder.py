@@ -1,0 +1,134 @@
+"""`python -m runtime.bench mm-encoder`: the vision encoder alone, per attention backend and run mode.
+
+For each encoder attention backend and each mode (``eager``; ``compiled``: one Dynamo trace for
+every image size; ``captured``: compiled and captured as a static graph per patch budget, each
+image padded to its budget) it times one encoder forward per image size. The budgets are the
+given images' patch counts, so ``captured`` measures each image at its own budget; on a platform
+without static graphs ``captured`` runs the compiled encoder (the row says graphs=False).
+``--shape qwen2-vl-2b`` is a random encoder of Qwen2-VL-2B's shape; ``tiny`` the test model's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from compiler import CompilationConfig, counters
+from models.qwen2_vl_processing import smart_resize
+from models.qwen2_vl_vision import VisionTransformer
+from runtime.attention.encoder_attention import ENCODER_ATTENTION_BACKENDS
+from runtime.encoder_runner import EncoderRunner
+from runtime.platforms import current_platform
+
+logger = logging.getLogger(__name__)
+
+MODES = ("eager", "compiled", "captured")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(sub: Any) -> None:
+    s = sub.add_parser("mm-encoder", help="vision encoder: attention backends x eager/compiled/captured")
+    s.add_argument("--shape", choices=["tiny", "qwen2-vl-2b"], default="tiny")
+    s.add_argument("--image-sizes", default="224x224,448x448,644x476",
+                   help="comma-separated HxW in pixels (resized like the Qwen2-VL processor)")
+    s.add_argument("--backends", default=",".join(sorted(ENCODER_ATTENTION_BACKENDS)))
+    s.add_argument("--modes", default=",".join(MODES))
+    s.add_argument("--dtype", default="auto", help="auto = bfloat16 where static graphs exist, else float32")
+    s.add_argument("--compile-backend", default=None, help="Dynamo backend (default: the platform's)")
+    s.add_argument("--iters", type=int, default=10)
+    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--json", default=None, help="write results to this file")
+
+
+def _vision_config(shape: str) -> Any:
+    from models.vision_testing import qwen2_vl_2b_vision_config, tiny_qwen2_vl_config
+
+    return qwen2_vl_2b_vision_config() if shape == "qwen2-vl-2b" else tiny_qwen2_vl_config().vision_config
+
+
+def _grids(sizes: str, config: Any) -> list[tuple[str, tuple[int, int, int]]]:
+    out = []
+    factor = config.patch_size * config.spatial_merge_size
+    for text in sizes.split(","):
+        try:
+            h, w = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--image-sizes: {text!r} is not HxW") from None
+        rh, rw = smart_resize(h, w, factor, 56 * 56, 28 * 28 * 16384)
+        out.append((text, (1, rh // config.patch_size, rw // config.patch_size)))
+    return out
+
+
+def _encoder(config: Any, backend: str, mode: str, dtype: torch.dtype, compile_backend: str | None,
+             budgets: list[int]) -> VisionTransformer:
+    compilation = CompilationConfig(mode="eager" if mode == "eager" else "compile", backend=compile_backend,
+                                    graph_mode="full" if mode == "captured" else "none", capture_sizes=budgets)
+    torch.manual_seed(0)
+    with torch.device(current_platform.device()):
+        encoder = VisionTransformer(config, backend, compilation_config=compilation)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.normal_(0.0, 0.02)
+    return encoder.to(dtype).eval()
+
+
+def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        current_platform.synchronize()
+        start = time.perf_counter()
+        fn()
+        current_platform.synchronize()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def bench_mm_encoder(args: argparse.Namespace) -> list[dict[str, Any]]:
+    config = _vision_config(args.shape)
+    images = _grids(args.image_sizes, config)
+    budgets = sorted({t * h * w for _, (t, h, w) in images})
+    dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if current_platform.supports_static_graphs else torch.float32)
+    device = current_platform.device()
+    unknown = [b for b in args.backends.split(",") if b not in ENCODER_ATTENTION_BACKENDS]
+    if unknown:
+        raise SystemExit(f"--backends: unknown {unknown}; known: {', '.join(sorted(ENCODER_ATTENTION_BACKENDS))}")
+    rows = []
+    for backend in args.backends.split(","):
+        for mode in args.modes.split(","):
+            if mode not in MODES:
+                raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+            counters.reset()
+            encoder = _encoder(config, backend, mode, dtype, args.compile_backend, budgets)
+            decoder_config = CompilationConfig(encoder=encoder.compilation_config)
+            runner = EncoderRunner(encoder, budgets[-1], device, decoder_config)
+            runner.capture()
+            for label, grid in images:
+                n = grid[0] * grid[1] * grid[2]
+                pixels = torch.randn(n, encoder.patch_dim, device=device, dtype=dtype)
+                samples = _time(lambda: runner.run(pixels, [grid]), args.iters, args.warmup)
+                rows.append({"backend": backend, "mode": mode, "image": label, "patches": n,
+                             "budget": runner.budget_for(n), "graphs": runner.graphs is not None,
+                             "ms": 1e3 * statistics.median(samples), "ms_min": 1e3 * min(samples),
+                             "traces": counters.dynamo_traces})
+            del runner, encoder
+            current_platform.empty_cache()
+    return rows
+
+
+def main_mm_encoder(args: argparse.Namespace, print_table: Callable[[list[dict[str, Any]]], None]) -> int:
+    rows = bench_mm_encoder(args)
+    header = {"command": "mm-encoder", "shape": args.shape, "dtype": args.dtype,
+              "device": current_platform.device_name(), "torch": torch.__version__}
+    print(json.dumps(header))
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**header, "results": rows}, f, indent=2)
+    return 0
