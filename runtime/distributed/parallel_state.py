@@ -1,0 +1,80 @@
+"""Who am I in the tensor-parallel group: the state layers read while the model is built.
+
+Layers read :func:`current_parallel` in their constructors (like ``compiler.use_config``) and keep
+the :class:`ParallelContext` they got; nothing reads it at run time, so one process could hold a
+sharded model and an unsharded one side by side. Outside :func:`use_parallel` the context is the
+single-rank one, and every parallel layer behaves exactly like its plain ``nn`` counterpart.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch.distributed as dist
+
+from runtime.platforms import current_platform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """What the user asked for (``--tensor-parallel-size``, ``--enable-expert-parallel``)."""
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """This process's place in the tensor-parallel group (the whole world: no pipeline or data
+    parallelism here). ``group_name`` names the process group for the collective custom ops."""
+    rank: int = 0
+    world_size: int = 1
+    group_name: str = ""
+    expert_parallel: bool = False
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.world_size > 1
+
+
+_SINGLE = ParallelContext()
+_current: ParallelContext = _SINGLE
+
+
+def current_parallel() -> ParallelContext:
+    return _current
+
+
+@contextlib.contextmanager
+def use_parallel(context: ParallelContext) -> Iterator[ParallelContext]:
+    """Layers built inside the block shard themselves for ``context``."""
+    global _current
+    previous, _current = _current, context
+    try:
+        yield context
+    finally:
+        _current = previous
+
+
+def init_distributed(rank: int, world_size: int, init_method: str, expert_parallel: bool,
+                     timeout_s: float = 600.0) -> ParallelContext:
+    """Join the process group through the platform's backend (gloo on CPU, nccl on CUDA)."""
+    current_platform.set_device(rank)
+    dist.init_process_group(backend=current_platform.dist_backend, init_method=init_method, rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    group = dist.group.WORLD
+    logger.info("rank %d/%d joined the %s process group", rank, world_size, current_platform.dist_backend)
+    return ParallelContext(rank, world_size, group.group_name, expert_parallel)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
