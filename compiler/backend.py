@@ -46,6 +46,7 @@ class GraphModeBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         counters.dynamo_traces += 1
+        counters.traces_by_tag[self.tag] += 1
         start = time.perf_counter()
         if self.dump:
             self.dump.write_graph("dynamo", gm, f"{self.tag}: graph traced by Dynamo")

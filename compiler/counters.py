@@ -16,15 +16,18 @@ class CompilerCounters:
     cache_hits: int = 0
     cache_misses: int = 0
     pass_matches: Counter = field(default_factory=Counter)  # pass name -> rewritten matches
+    traces_by_tag: Counter = field(default_factory=Counter)  # model tag ("decoder", "encoder") -> traces
 
     def reset(self) -> None:
         for f in fields(self):
-            setattr(self, f.name, Counter() if f.name == "pass_matches" else 0)
+            setattr(self, f.name, Counter() if f.name in _COUNTER_FIELDS else 0)
 
     def snapshot(self) -> dict[str, object]:
-        out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pass_matches"}
-        out["pass_matches"] = dict(self.pass_matches)
-        return out
+        return {f.name: dict(getattr(self, f.name)) if f.name in _COUNTER_FIELDS else getattr(self, f.name)
+                for f in fields(self)}
+
+
+_COUNTER_FIELDS = ("pass_matches", "traces_by_tag")
 
 
 counters = CompilerCounters()

@@ -14,17 +14,23 @@ logger = logging.getLogger(__name__)
 class BatchDescriptor:
     num_tokens: int
     uniform_decode: bool  # every request contributes exactly one token
+    ubatch: int | None = None  # DBO micro-batch slot (0 or 1); None for a whole step
 
 
 @dataclass(frozen=True)
 class Dispatch:
     mode: str  # "full" | "piecewise" | "none"
     padded_tokens: int
+    ubatch: int | None = None  # which micro-batch slot's graphs to replay
 
 
 class GraphDispatcher:
     def __init__(self, config: CompilationConfig, max_tokens: int, platform_has_graphs: bool) -> None:
         self.sizes = config.resolved_capture_sizes(max_tokens)
+        # A DBO micro-batch holds at most half the step's tokens (rounded up): its graphs are
+        # captured up to the first capture size that covers that.
+        half = (max_tokens + 1) // 2
+        self.ubatch_sizes = self.sizes[: bisect.bisect_left(self.sizes, half) + 1]
         mode = config.graph_mode
         if mode != "none" and not platform_has_graphs:
             logger.info("graph_mode=%s requested, but this platform has no static graphs: running %s", mode,
@@ -41,19 +47,20 @@ class GraphDispatcher:
     def enabled(self) -> bool:
         return (self.full or self.piecewise) and bool(self.sizes)
 
-    def pad(self, num_tokens: int) -> int | None:
-        i = bisect.bisect_left(self.sizes, num_tokens)
-        return self.sizes[i] if i < len(self.sizes) else None
+    def pad(self, num_tokens: int, ubatch: int | None = None) -> int | None:
+        sizes = self.sizes if ubatch is None else self.ubatch_sizes
+        i = bisect.bisect_left(sizes, num_tokens)
+        return sizes[i] if i < len(sizes) else None
 
     def dispatch(self, batch: BatchDescriptor) -> Dispatch:
-        padded = self.pad(batch.num_tokens) if self.enabled else None
+        padded = self.pad(batch.num_tokens, batch.ubatch) if self.enabled else None
         if padded is None:
-            return Dispatch("none", batch.num_tokens)
+            return Dispatch("none", batch.num_tokens, batch.ubatch)
         if self.full and batch.uniform_decode:
-            return Dispatch("full", padded)
+            return Dispatch("full", padded, batch.ubatch)
         if self.piecewise:
-            return Dispatch("piecewise", padded)
-        return Dispatch("none", batch.num_tokens)
+            return Dispatch("piecewise", padded, batch.ubatch)
+        return Dispatch("none", batch.num_tokens, batch.ubatch)
 
     def disable_full(self, reason: str) -> None:
         logger.warning("full graphs disabled (%s); falling back to %s", reason,

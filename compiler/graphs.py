@@ -30,6 +30,9 @@ class GraphRuntime:
     pool: Any
     mode: str = "none"  # what this step replays: "none" | "piecewise" | "full"
     debug: bool = False
+    # DBO micro-batch slot this runtime serves (None: whole steps). Each slot has its own graphs:
+    # the two micro-batches of a step may have the same size and must not share output buffers.
+    ubatch: int | None = None
     capture_seconds: float = 0.0
     pool_bytes: int = 0
 
@@ -46,22 +49,23 @@ class StaticGraphRunner:
     fn: Callable
     name: str
     capture_sizes: frozenset[int]
-    entries: dict[int, _Entry] = field(default_factory=dict)
-    warmed: set[int] = field(default_factory=set)
+    entries: dict[tuple[int | None, int], _Entry] = field(default_factory=dict)  # (ubatch, size) ->
+    warmed: set[tuple[int | None, int]] = field(default_factory=set)
     failed: bool = False
 
     def __call__(self, runtime: GraphRuntime, size: int, args: tuple[Any, ...]) -> Any:
         if self.failed or size not in self.capture_sizes:
             return self.fn(*args)
-        entry = self.entries.get(size)
+        key = (runtime.ubatch, size)
+        entry = self.entries.get(key)
         if entry is not None:
             if runtime.debug:
                 _check_addresses(self.name, size, entry.input_addresses, args)
             entry.graph.replay()
             counters.graph_replays += 1
             return entry.output
-        if size not in self.warmed:
-            self.warmed.add(size)
+        if key not in self.warmed:
+            self.warmed.add(key)
             return self.fn(*args)
         return self._capture(runtime, size, args)
 
@@ -79,7 +83,7 @@ class StaticGraphRunner:
             return self.fn(*args)
         runtime.capture_seconds += time.perf_counter() - start
         runtime.pool_bytes += max(0, platform.memory_allocated() - before)
-        self.entries[size] = _Entry(graph, output, _addresses(args))
+        self.entries[(runtime.ubatch, size)] = _Entry(graph, output, _addresses(args))
         counters.graphs_captured += 1
         # Capture records work without running it: replay once so this call returns real values.
         graph.replay()

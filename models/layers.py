@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import runtime.attention.op  # noqa: F401  (registers graphmode::attention)
+from models.parallel_layers import ColumnParallelLinear, RowParallelLinear, Shard, even_shard, head_shards
+from runtime.distributed.parallel_state import current_parallel
 
 
 class RMSNorm(nn.Module):
@@ -99,12 +101,16 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_name = layer_name
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        # Under tensor parallelism this rank holds some of the heads (see head_shards); the sizes
+        # below are this rank's.
+        heads = head_shards(num_heads, num_kv_heads, current_parallel())
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.q.count, heads.kv.count, head_dim
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window or 0
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=False)
+        q_rows, kv_rows = _times(heads.q, head_dim), _times(heads.kv, head_dim)
+        self.qkv_proj = ColumnParallelLinear(hidden_size, [q_rows, kv_rows, kv_rows], bias=qkv_bias)
+        self.o_proj = RowParallelLinear(q_rows, hidden_size, bias=False)
         self.rotary = rotary
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
@@ -131,9 +137,16 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        parallel = current_parallel()
+        inter = even_shard(intermediate_size, parallel.rank, parallel.world_size)
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [inter, inter], bias=bias)
+        self.down_proj = RowParallelLinear(inter, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def _times(heads: Shard, head_dim: int) -> Shard:
+    """A shard of heads as a shard of projection rows."""
+    return Shard(heads.full * head_dim, heads.start * head_dim, heads.count * head_dim)

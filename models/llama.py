@@ -13,6 +13,7 @@ from torch import nn
 from compiler import support_torch_compile
 from models.config_utils import head_dim, layer_sliding_window, rope_settings
 from models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from models.parallel_layers import ParallelLMHead, VocabParallelEmbedding
 from models.weights import StackedWeights
 
 
@@ -46,7 +47,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         theta, scaling = rope_settings(config)
         rotary = RotaryEmbedding(head_dim(config), config.max_position_embeddings, theta, scaling)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, rotary, make_mlp(config, i), qkv_bias, qk_norm)
             for i in range(config.num_hidden_layers)
@@ -70,13 +71,14 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias_default = False
     qk_norm = False
+    supports_tensor_parallel = True  # every layer is built from models/parallel_layers
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
         qkv_bias = getattr(config, "attention_bias", self.qkv_bias_default)
         self.model = DecoderModel(config, self.make_mlp, qkv_bias, self.qk_norm)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.tie_weights()
         self.weights = StackedWeights(self)
 

@@ -15,6 +15,7 @@ from compiler import CompilationConfig, use_config
 from models.checkpoint import Checkpoint, CheckpointError, iter_weights, load_config, load_tokenizer, resolve_checkpoint
 from models.registry import resolve_model_class
 from models.weights import StackedWeights
+from runtime.distributed.parallel_state import ParallelContext, current_parallel, use_parallel
 from runtime.platforms import current_platform
 
 logger = logging.getLogger(__name__)
@@ -67,14 +68,16 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_model(config: Any, dtype: torch.dtype, device: torch.device | str, init: bool = True,
-                compilation_config: CompilationConfig | None = None) -> nn.Module:
+                compilation_config: CompilationConfig | None = None,
+                parallel: ParallelContext | None = None) -> nn.Module:
     """Instantiate our class for ``config``; ``init=False`` leaves weights uninitialised (to be loaded).
 
-    ``compilation_config`` reaches every ``@support_torch_compile`` module built inside.
+    ``compilation_config`` reaches every ``@support_torch_compile`` module built inside;
+    ``parallel`` (this rank under tensor parallelism) makes the layers hold only their shard.
     """
     cls = resolve_model_class(config)
     with default_dtype(dtype), torch.device("meta" if not init else device), \
-            use_config(compilation_config or CompilationConfig()):
+            use_config(compilation_config or CompilationConfig()), use_parallel(parallel or current_parallel()):
         model = cls(config)
     if not init:
         model = model.to_empty(device=device)
@@ -98,6 +101,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, st
         param = params.get(target.param)
         if param is None:
             raise CheckpointError(f"{source}: unexpected tensor {name!r} (the model has no parameter {target.param!r})")
+        if target.take is not None:
+            tensor = target.take(tensor)
         dest = param.data[target.index] if target.index else param.data
         if tuple(dest.shape) != tuple(tensor.shape):
             raise CheckpointError(
@@ -111,14 +116,17 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, st
 
 
 def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
-               compilation_config: CompilationConfig | None = None) -> LoadedModel:
-    """Load a checkpoint directory or GGUF file into our implementation of its architecture."""
+               compilation_config: CompilationConfig | None = None,
+               parallel: ParallelContext | None = None) -> LoadedModel:
+    """Load a checkpoint directory or GGUF file into our implementation of its architecture
+    (this rank's shard of it when ``parallel`` spans several ranks)."""
     ckpt = resolve_checkpoint(path)
     config = load_config(ckpt)
     torch_dtype = resolve_dtype(dtype, config)
     device = torch.device(device) if device is not None else current_platform.device()
     start = time.perf_counter()
-    model = build_model(config, torch_dtype, device, init=False, compilation_config=compilation_config)
+    model = build_model(config, torch_dtype, device, init=False, compilation_config=compilation_config,
+                        parallel=parallel)
     weights = tqdm(iter_weights(ckpt, config), desc="Loading weights", unit="tensor", leave=False)
     load_weights(model, weights)
     logger.info("loaded %s (%s) as %s on %s in %.1f s", ckpt.display, type(model).__name__,

@@ -9,20 +9,43 @@ from torch import nn
 
 import runtime.ops.moe  # noqa: F401  (registers graphmode::fused_moe)
 from models.layers import GatedMLP
+from models.parallel_layers import Shard, even_shard
+from runtime.distributed.collectives import reduce_across
+from runtime.distributed.parallel_state import current_parallel
 from models.llama import Qwen3ForCausalLM
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + stacked experts; the expert math is the opaque ``graphmode::fused_moe`` op."""
+    """Router + stacked experts; the expert math is the opaque ``graphmode::fused_moe`` op.
+
+    Under tensor parallelism every rank holds every expert's slice of the intermediate dim; under
+    expert parallelism each rank holds whole experts (``num_local_experts`` from
+    ``expert_start``). Either way a rank's output is a partial sum and one all-reduce combines it.
+    Expert parallelism needs no dispatch communication here: attention is tensor-parallel, so
+    every rank already holds every token, and a rank just runs the (token, expert) pairs whose
+    expert it owns (the others are marked -1 for the op to skip).
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  norm_topk_prob: bool) -> None:
         super().__init__()
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
+        self.parallel = parallel = current_parallel()
+        self.num_experts = num_experts
+        if parallel.expert_parallel:
+            if num_experts < parallel.world_size:
+                raise ValueError(f"expert parallelism over {parallel.world_size} ranks needs at least as many "
+                                 f"experts, the model has {num_experts}")
+            experts = even_shard(num_experts, parallel.rank, parallel.world_size)
+            self.inter = Shard(intermediate_size, 0, intermediate_size)
+        else:
+            experts = Shard(num_experts, 0, num_experts)
+            self.inter = even_shard(intermediate_size, parallel.rank, parallel.world_size)
+        self.expert_start, self.num_local_experts = experts.start, experts.count
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.w13 = nn.Parameter(torch.empty(experts.count, 2 * self.inter.count, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(experts.count, hidden_size, self.inter.count))
         nn.init.normal_(self.w13, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
 
@@ -31,7 +54,12 @@ class SparseMoeBlock(nn.Module):
         topk_weights, topk_ids = torch.topk(routing, self.top_k, dim=-1)
         if self.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        return torch.ops.graphmode.fused_moe(x, self.w13, self.w2, topk_weights.to(x.dtype), topk_ids)
+        if self.num_local_experts != self.num_experts:
+            local = topk_ids - self.expert_start
+            topk_ids = torch.where((local >= 0) & (local < self.num_local_experts), local, -1)
+        out = torch.ops.graphmode.fused_moe(x, self.w13, self.w2, topk_weights.to(x.dtype), topk_ids)
+        label = "moe_combine" if self.parallel.expert_parallel else "tp_all_reduce"
+        return reduce_across(out, self.parallel, label)
 
 
 def _is_sparse_layer(config: Any, layer_idx: int) -> bool:

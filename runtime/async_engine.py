@@ -61,14 +61,14 @@ class AsyncEngine:
         self._thread.start()
 
     # ---- the HTTP side ---------------------------------------------------------------------
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       images: list | None = None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request until it finishes; leaving early aborts it."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if self._closed or self._stop.is_set():
                 raise EngineDeadError(f"the engine loop has stopped{f': {self._dead}' if self._dead else ''}")
-            self._inbox.put(("add", request_id, prompt, params, stream))
+            self._inbox.put(("add", request_id, prompt, params, stream, images))
         self._wakeup.set()
         finished = False
         try:
@@ -90,6 +90,11 @@ class AsyncEngine:
         kv, sched = self.core.kv_cache, self.core.scheduler
         return EngineStats(sched.num_running, sched.num_waiting, kv.usage, kv.num_used_blocks, kv.num_blocks,
                            kv.hit_rate, self.core.num_steps)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What killed the engine loop, if something did."""
+        return self._dead
 
     @property
     def is_alive(self) -> bool:
@@ -119,6 +124,7 @@ class AsyncEngine:
                 self._closed = True
             self._drain_inbox()
             self._abort_all(self._dead or EngineDeadError("the engine is shutting down"))
+            self.core.shutdown()  # tensor-parallel workers go with the loop
 
     def _drain_inbox(self) -> None:
         while True:
@@ -131,12 +137,12 @@ class AsyncEngine:
             elif command[0] == "abort":
                 self._abort(command[1])
 
-    def _add(self, request_id: str, prompt, params: SamplingParams, stream: _Stream) -> None:
+    def _add(self, request_id: str, prompt, params: SamplingParams, stream: _Stream, images: list | None) -> None:
         if self._stop.is_set():
             stream.put(EngineDeadError("the engine is shutting down"))
             return
         try:
-            self.core.add_request(request_id, prompt, params)
+            self.core.add_request(request_id, prompt, params, images=images)
         except ValueError as e:
             stream.put(e)
             return

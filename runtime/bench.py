@@ -1,7 +1,8 @@
-"""`python -m runtime.bench latency|throughput`: the harness behind every performance claim.
+"""`python -m runtime.bench latency|throughput|mm-encoder`: the harness behind every performance claim.
 
 latency:    per-step decode latency at given batch sizes and context length (prefill excluded).
 throughput: offline generation of N requests with fixed input/output lengths.
+mm-encoder: the vision encoder alone per attention backend, eager / compiled / captured (runtime/bench_mm_encoder.py).
 Prints a table and, with --json, writes the numbers to a file.
 """
 from __future__ import annotations
@@ -10,14 +11,17 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
 import torch
 
 from compiler import CompilationConfig, counters
+from runtime.config import EngineConfig
 from runtime.engine import LLM
 from runtime.platforms import current_platform
 from runtime.sampling_params import SamplingParams
@@ -29,6 +33,8 @@ def _load(args: argparse.Namespace, compilation: CompilationConfig | None = None
     from models.loader import LoadedModel, load_model, resolve_dtype
     from models.testing import build_random_model, llama_1b_config
 
+    if args.tensor_parallel_size > 1:
+        return None  # each rank's worker process loads its shard (see _engine)
     if args.model == RANDOM_1B:
         config = llama_1b_config()
         dtype = resolve_dtype(args.dtype, config)
@@ -53,10 +59,58 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, CompilationConfig]]:
     return named or [("eager", CompilationConfig())]
 
 
-def _engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: int) -> LLM:
-    return LLM.from_loaded(loaded, max_num_seqs=max_num_seqs, max_model_len=max_len,
-                           max_num_batched_tokens=max(args.max_num_batched_tokens, max_len),
-                           enable_prefix_caching=False, **_kv_args(args))
+def _variants(args: argparse.Namespace) -> list[tuple[str, CompilationConfig, dict[str, Any]]]:
+    """Each config, and with --dbo each config twice (DBO off, then on) so they sit side by side."""
+    out = []
+    for name, compilation in _configs(args):
+        if not args.dbo:
+            out.append((name, compilation, {}))
+            continue
+        on = {"enable_dbo": True, "dbo_decode_token_threshold": args.dbo_decode_token_threshold,
+              "dbo_prefill_token_threshold": args.dbo_prefill_token_threshold}
+        out += [(f"{name},dbo=off", compilation, {"enable_dbo": False}), (f"{name},dbo=on", compilation, on)]
+    return out
+
+
+def _engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: int,
+            engine_args: dict[str, Any] | None = None, compilation: CompilationConfig | None = None) -> LLM:
+    common = dict(max_num_seqs=max_num_seqs, max_model_len=max_len,
+                  max_num_batched_tokens=max(args.max_num_batched_tokens, max_len),
+                  enable_prefix_caching=False, **_kv_args(args), **(engine_args or {}))
+    if loaded is None:  # tensor parallelism: the workers load the checkpoint
+        return LLM(_checkpoint_path(args), dtype=args.dtype, compilation_config=compilation,
+                   tensor_parallel_size=args.tensor_parallel_size,
+                   enable_expert_parallel=args.enable_expert_parallel, **common)
+    return LLM.from_loaded(loaded, **common)
+
+
+def _checkpoint_path(args: argparse.Namespace) -> str:
+    """A path workers can load; random-1b is written once as a checkpoint (random weights, so
+    every rank shards the same tensors)."""
+    if args.model != RANDOM_1B:
+        from models.default import default_model_path
+
+        return args.model or default_model_path()
+    from models.loader import resolve_dtype
+    from models.testing import llama_1b_config, save_random_checkpoint
+
+    config = llama_1b_config()
+    dtype = resolve_dtype(args.dtype, config)
+    directory = os.path.join(tempfile.gettempdir(), f"graphmode-random-1b-{str(dtype).removeprefix('torch.')}")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        save_random_checkpoint(config, directory, dtype=dtype)
+    return directory
+
+
+def _runner_stats(llm: LLM) -> dict[str, Any]:
+    """Graph pool, counters and DBO steps of the (rank 0) runner, in-process or in a worker."""
+    core = llm.engine
+    if core.executor is None:
+        return {"pool_bytes": core.runner.graphs.pool_bytes(), "counters": counters,
+                "dbo_steps": core.runner.dbo_steps}
+    info = core.executor.runner_info(["graphs.pool_bytes", "dbo_steps"])[0]
+    return {"pool_bytes": info["graphs.pool_bytes"], "counters": argparse.Namespace(**info["counters"]),
+            "dbo_steps": info["dbo_steps"]}
 
 
 def _kv_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,23 +124,27 @@ def _prompt(vocab: int, length: int, seed: int) -> list[int]:
 
 def bench_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for name, compilation in _configs(args):
+    for name, compilation, engine_args in _variants(args):
         counters.reset()
         start = time.perf_counter()
-        loaded = _load(args, compilation)
-        llm = _engine(loaded, args, max(args.batch_sizes), args.context + 2 * args.steps + args.warmup + 8)
+        loaded = _load(args, compilation)  # loaded per variant: graphs bake in their runner's buffers
+        llm = _engine(loaded, args, max(args.batch_sizes), args.context + 2 * args.steps + args.warmup + 8,
+                      engine_args, compilation)
         cold_start = time.perf_counter() - start
-        pool = llm.engine.runner.graphs.runtime
         for batch in args.batch_sizes:
-            times, forward = _decode_step_times(llm.engine, loaded.config.vocab_size, batch, args)
+            times, forward = _decode_step_times(llm.engine, llm.engine.model_config.vocab_size, batch, args)
+            stats = _runner_stats(llm)
             rows.append({"config": name, "batch": batch, "context": args.context,
                          "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
-                         "min_ms": 1e3 * min(times), "forward_ms": 1e3 * statistics.median(forward),
+                         "min_ms": 1e3 * min(times),
+                         "forward_ms": 1e3 * statistics.median(forward) if forward else None,
                          "cold_start_s": cold_start,
-                         "graph_pool_mib": (pool.pool_bytes / 2**20) if pool else 0.0,
-                         "graphs": counters.graphs_captured, "replays": counters.graph_replays,
+                         "graph_pool_mib": stats["pool_bytes"] / 2**20,
+                         "graphs": stats["counters"].graphs_captured, "replays": stats["counters"].graph_replays,
                          "kernels_per_step": getattr(llm.engine, "bench_kernels_per_step", None),
-                         "pass_matches": sum(counters.pass_matches.values())})
+                         "pass_matches": sum(stats["counters"].pass_matches.values()),
+                         "dbo_steps": stats["dbo_steps"], "tp": args.tensor_parallel_size})
+        llm.engine.shutdown()
         del llm, loaded
         current_platform.empty_cache()
     if args.hf_baseline:
@@ -94,8 +152,14 @@ def bench_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+_KERNEL_COUNT_STEPS = 5
+
+
 def _decode_step_times(core, vocab: int, batch: int, args: argparse.Namespace) -> list[float]:
-    params = SamplingParams(temperature=0.0, max_tokens=2 * args.steps + args.warmup + 1, ignore_eos=True)
+    # Enough tokens for every decode step this function runs: warm-up, timed, forward-timed and the
+    # kernel-counting steps (a request that finished earlier made the kernel count read 0).
+    params = SamplingParams(temperature=0.0, max_tokens=args.warmup + 2 * args.steps + _KERNEL_COUNT_STEPS + 1,
+                            ignore_eos=True)
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for i, rid in enumerate(ids):
         core.add_request(rid, _prompt(vocab, args.context, i), params)
@@ -109,34 +173,41 @@ def _decode_step_times(core, vocab: int, batch: int, args: argparse.Namespace) -
         start = time.perf_counter()
         core.step()
         times.append(time.perf_counter() - start)
-    forward = _forward_times(core, args.steps)
-    if args.count_kernels:
-        core.bench_kernels_per_step = _kernels_per_step(core, 5)
+    # Under tensor parallelism the forward runs in the workers: only whole steps are timed.
+    forward = _forward_times(core, args.steps) if core.executor is None else []
+    if args.count_kernels and core.executor is None:
+        core.bench_kernels_per_step = _kernels_per_step(core, _KERNEL_COUNT_STEPS)
     for rid in ids:
         core.abort_request(rid)
     return times, forward
 
 
-def _kernels_per_step(core, steps: int) -> float:
+def _kernels_per_step(core, steps: int) -> float | None:
     """Device kernels launched per engine step (torch profiler; a graph replay counts its kernels
-    only where the profiler sees inside graphs, so use this with graph_mode none)."""
+    only where the profiler sees inside graphs, so use this with graph_mode none). None where the
+    platform's kernels are not visible to torch's profiler."""
     from torch.profiler import ProfilerActivity, profile
 
+    device_kernels = current_platform.profiler_kernel_activity()
+    if device_kernels is None:
+        return None
+    activity, device_type = device_kernels
     # Without acc_events (where torch has it) the profiler drops the events at the end of its cycle,
     # and an H100 run read 0 kernels.
     extra = {"acc_events": True} if "acc_events" in inspect.signature(profile.__init__).parameters else {}
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], **extra) as prof:
+    with profile(activities=[ProfilerActivity.CPU, activity], **extra) as prof:
         for _ in range(steps):
             core.step()
         current_platform.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in prof.events() if e.device_type == device_type]
     return len(kernels) / steps
 
 
 def _forward_times(core, steps: int) -> list[float]:
-    """The model forward alone (graph replay or eager), synchronised: where the step's time goes."""
-    graphs = core.runner.graphs
-    original = graphs.run
+    """The model forward alone (graph replay or eager; both micro-batches under DBO), synchronised:
+    where the step's time goes."""
+    runner = core.runner
+    original = runner.forward_step
     samples: list[float] = []
 
     def timed(*args, **kwargs):
@@ -147,12 +218,12 @@ def _forward_times(core, steps: int) -> list[float]:
         samples.append(time.perf_counter() - start)
         return out
 
-    graphs.run = timed
+    runner.forward_step = timed
     try:
         for _ in range(steps):
             core.step()
     finally:
-        graphs.run = original
+        runner.forward_step = original
     return samples
 
 
@@ -197,25 +268,36 @@ def _hf_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
                      "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
                      "min_ms": 1e3 * min(times), "forward_ms": 1e3 * statistics.median(times),
                      "cold_start_s": 0.0, "graph_pool_mib": 0.0, "graphs": 0,
-                     "replays": 0, "kernels_per_step": None, "pass_matches": 0})
+                     "replays": 0, "kernels_per_step": None, "pass_matches": 0, "dbo_steps": 0})
     return rows
 
 
 def bench_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
-    name, compilation = _configs(args)[0]
-    loaded = _load(args, compilation)
-    llm = _engine(loaded, args, args.max_num_seqs, args.input_len + args.output_len + 8)
-    vocab = loaded.config.vocab_size
-    prompts = [_prompt(vocab, args.input_len, i) for i in range(args.num_requests)]
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[: min(4, len(prompts))], params, use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    return [{"config": name, "requests": len(outs), "input_len": args.input_len, "output_len": args.output_len,
-             "seconds": elapsed, "requests_per_s": len(outs) / elapsed, "output_tokens_per_s": generated / elapsed,
-             "total_tokens_per_s": (generated + args.input_len * len(outs)) / elapsed}]
+    """The first config (with --dbo: DBO off and on) over the same requests."""
+    first = _configs(args)[0][0]
+    rows = []
+    for name, compilation, engine_args in [v for v in _variants(args) if v[0].split(",")[0] == first]:
+        counters.reset()
+        loaded = _load(args, compilation)
+        llm = _engine(loaded, args, args.max_num_seqs, args.input_len + args.output_len + 8, engine_args,
+                      compilation)
+        vocab = llm.engine.model_config.vocab_size
+        prompts = [_prompt(vocab, args.input_len, i) for i in range(args.num_requests)]
+        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        llm.generate(prompts[: min(4, len(prompts))], params, use_tqdm=False)  # warm-up
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        rows.append({"config": name, "requests": len(outs), "input_len": args.input_len,
+                     "output_len": args.output_len, "seconds": elapsed, "requests_per_s": len(outs) / elapsed,
+                     "output_tokens_per_s": generated / elapsed,
+                     "total_tokens_per_s": (generated + args.input_len * len(outs)) / elapsed,
+                     "dbo_steps": _runner_stats(llm)["dbo_steps"], "tp": args.tensor_parallel_size})
+        llm.engine.shutdown()
+        del llm, loaded
+        current_platform.empty_cache()
+    return rows
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -248,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shorthand for a compiled config with this graph mode (repeatable)")
         s.add_argument("--backend", default="inductor", help="compile backend for --graph-mode configs")
         s.add_argument("--capture-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+        s.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="ranks (one worker process each) to shard the model over")
+        s.add_argument("--enable-expert-parallel", action="store_true",
+                       help="MoE models under tensor parallelism: whole experts per rank")
+        s.add_argument("--dbo", action="store_true",
+                       help="run every config twice, dual-batch overlap off and on, side by side")
+        s.add_argument("--dbo-decode-token-threshold", type=int, default=EngineConfig.dbo_decode_token_threshold,
+                       help="with --dbo: split decode-only steps of at least this many tokens")
+        s.add_argument("--dbo-prefill-token-threshold", type=int, default=EngineConfig.dbo_prefill_token_threshold,
+                       help="with --dbo: split steps with a prefill of at least this many tokens")
         if name == "latency":
             s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
             s.add_argument("--context", type=int, default=128, help="prompt tokens per request")
@@ -261,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--input-len", type=int, default=128)
             s.add_argument("--output-len", type=int, default=64)
             s.add_argument("--max-num-seqs", type=int, default=64)
+    from runtime.bench_mm_encoder import add_parser as add_mm_encoder_parser
+
+    add_mm_encoder_parser(sub)
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -269,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     current_platform.configure_process()
+    if args.command == "mm-encoder":
+        from runtime.bench_mm_encoder import main_mm_encoder
+
+        return main_mm_encoder(args, _print_table)
     rows = bench_latency(args) if args.command == "latency" else bench_throughput(args)
     header = {"command": args.command, "model": args.model or "smollm2", "dtype": args.dtype,
               "device": current_platform.device_name(), "torch": torch.__version__}

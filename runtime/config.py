@@ -5,6 +5,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from compiler.config import CompilationConfig
+from runtime.distributed.parallel_state import ParallelConfig
+from runtime.ubatch_split import DBOThresholds
 
 
 @dataclass
@@ -24,6 +26,19 @@ class EngineConfig:
     seed: int = 0
     # CompilationConfig, or its dict / JSON form (the CLI passes --compilation-config '{...}').
     compilation_config: CompilationConfig | dict | str | None = None
+    # Vision models: the largest image (in encoder patches) a request may carry; the encoder's patch
+    # budgets and the start-up memory profile use it. None = the image processor's max_pixels.
+    max_image_patches: int | None = None
+    # Dual-batch overlap: split a step into two micro-batches once it has at least this many tokens
+    # (runtime/ubatching.py); decode-only steps and steps with a prefill have separate thresholds.
+    enable_dbo: bool = False
+    dbo_decode_token_threshold: int = 32
+    dbo_prefill_token_threshold: int = 512
+
+    # Tensor parallelism: one worker process per rank (runtime/distributed); expert parallelism
+    # puts whole MoE experts on each rank instead of slicing every expert.
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.compilation_config, str):
@@ -37,12 +52,29 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.max_image_patches is not None and self.max_image_patches < 4:
+            raise ValueError(f"max_image_patches must be at least 4, got {self.max_image_patches}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        for name in ("dbo_decode_token_threshold", "dbo_prefill_token_threshold"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 2:
+                raise ValueError(f"{name} must be an integer >= 2, got {getattr(self, name)!r}")
+        self.parallel_config()  # validates tensor_parallel_size
+        if self.enable_expert_parallel and self.tensor_parallel_size < 2:
+            raise ValueError("enable_expert_parallel needs tensor_parallel_size >= 2")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def dbo_thresholds(self) -> DBOThresholds | None:
+        """The DBO split thresholds, or None when dual-batch overlap is off."""
+        if not self.enable_dbo:
+            return None
+        return DBOThresholds(self.dbo_decode_token_threshold, self.dbo_prefill_token_threshold)
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(self.tensor_parallel_size, self.enable_expert_parallel)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

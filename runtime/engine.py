@@ -15,11 +15,16 @@ import torch
 from tqdm.auto import tqdm
 
 from models.default import default_model_path
+from models.checkpoint import load_config, load_tokenizer, resolve_checkpoint
 from models.loader import LoadedModel, load_model
+from models.parallel_layers import check_shardable
+from models.registry import resolve_model_class
 from runtime.config import EngineConfig
 from runtime.detokenizer import IncrementalDetokenizer
+from runtime.distributed.executor import MultiprocExecutor
 from runtime.kv_cache import KVCacheManager
 from runtime.model_runner import GiB, ModelRunner
+from runtime.multimodal import attach_multimodal
 from runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from runtime.platforms import current_platform
 from runtime.request import Request, RequestStatus
@@ -62,31 +67,78 @@ class _Parent:
                              replace(self.metrics))
 
 
+def engine_max_model_len(config: EngineConfig, model_config: Any) -> int:
+    max_model_len = config.max_model_len or min(model_config.max_position_embeddings, 4096)
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+        raise ValueError(f"max_num_batched_tokens={config.max_num_batched_tokens} must be >= max_model_len="
+                         f"{max_model_len} when chunked prefill is off")
+    return max_model_len
+
+
+def make_runner(config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> ModelRunner:
+    return ModelRunner(
+        loaded.model, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=max_model_len, block_size=config.block_size, dtype=loaded.dtype,
+        device=loaded.device, vocab_size=loaded.config.vocab_size,
+        compilation_config=config.compilation_config, dbo=config.dbo_thresholds())
+
+
+def prepare_runner(runner: ModelRunner, num_blocks: int) -> None:
+    runner.warmup()  # compiles (one trace) before the first request, not during it
+    runner.allocate_kv_cache(num_blocks)
+    runner.capture_graphs()  # full graphs bake in the KV cache addresses: allocate first
+
+
+def plan_kv_blocks(cfg: EngineConfig, runner: ModelRunner) -> int:
+    """KV cache blocks this process can hold (under tensor parallelism each rank plans, the engine
+    takes the minimum)."""
+    per_block = runner.bytes_per_block()
+    if cfg.num_kv_blocks is not None:
+        blocks, how = cfg.num_kv_blocks, "fixed by num_kv_blocks"
+    elif cfg.kv_cache_memory_gb is not None:
+        blocks, how = int(cfg.kv_cache_memory_gb * GiB) // per_block, "fixed by kv_cache_memory_gb"
+    elif current_platform.supports_memory_profiling:
+        peak = runner.profile_peak_bytes()
+        info = current_platform.memory_info()
+        budget = info.total_bytes * cfg.gpu_memory_utilization - (info.total_bytes - info.free_bytes) - peak
+        blocks = int(budget) // per_block
+        how = (f"profiled: activation peak {peak / GiB:.2f} GiB, {cfg.gpu_memory_utilization:.0%} of "
+               f"{info.total_bytes / GiB:.1f} GiB")
+    else:
+        avail = current_platform.memory_info().free_bytes
+        blocks, how = int(min(_CPU_KV_CAP, avail * _CPU_KV_SHARE)) // per_block, "share of free host memory"
+        # No point holding more than every sequence at full length.
+        blocks = min(blocks, cfg.max_num_seqs * runner.max_blocks_per_seq)
+    if blocks < 1:
+        raise RuntimeError(f"no memory left for the KV cache ({how}); lower max_num_batched_tokens or "
+                           "raise gpu_memory_utilization")
+    logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %d tokens), %s", blocks, cfg.block_size,
+                blocks * per_block / GiB, blocks * cfg.block_size, how)
+    return blocks
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """``loaded`` reuses an already loaded model (tests, benchmarks); else ``config.model`` is loaded."""
         self.config = config
         current_platform.configure_process()
         current_platform.manual_seed(config.seed)
-        loaded = loaded or load_model(config.model or default_model_path(), config.dtype, config.device,
-                                      config.compilation_config)
-        if loaded.compilation_config is not None:
-            config.compilation_config = loaded.compilation_config  # graphs must match how it was compiled
-        self.model, self.model_config = loaded.model, loaded.config
-        self.tokenizer = loaded.tokenizer()
-        self.max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 4096)
-        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"max_num_batched_tokens={config.max_num_batched_tokens} must be >= max_model_len="
-                             f"{self.max_model_len} when chunked prefill is off")
-        self.runner = ModelRunner(
-            self.model, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, block_size=config.block_size, dtype=loaded.dtype,
-            device=loaded.device, vocab_size=self.model_config.vocab_size,
-            compilation_config=config.compilation_config)
-        num_blocks = self._num_kv_blocks()
-        self.runner.warmup()  # compiles (one trace) before the first request, not during it
-        self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_graphs()  # full graphs bake in the KV cache addresses: allocate first
+        self.executor: MultiprocExecutor | None = None
+        self.input_processor = None  # vision models: images -> patches and placeholder tokens
+        if config.tensor_parallel_size > 1:
+            num_blocks = self._start_workers(loaded)
+        else:
+            loaded = loaded or load_model(config.model or default_model_path(), config.dtype, config.device,
+                                          config.compilation_config)
+            if loaded.compilation_config is not None:
+                config.compilation_config = loaded.compilation_config  # graphs must match how it was compiled
+            self.model, self.model_config = loaded.model, loaded.config
+            self.tokenizer = loaded.tokenizer()
+            self.max_model_len = engine_max_model_len(config, self.model_config)
+            self.runner = make_runner(config, loaded, self.max_model_len)
+            self.input_processor = attach_multimodal(self.runner, loaded, config)  # before the memory profile
+            num_blocks = plan_kv_blocks(config, self.runner)
+            prepare_runner(self.runner, num_blocks)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -96,33 +148,36 @@ class EngineCore:
         self.num_steps = 0
 
     # ---- set-up ----------------------------------------------------------------------------
-    def _num_kv_blocks(self) -> int:
-        cfg, per_block = self.config, self.runner.bytes_per_block()
-        if cfg.num_kv_blocks is not None:
-            blocks, how = cfg.num_kv_blocks, "fixed by num_kv_blocks"
-        elif cfg.kv_cache_memory_gb is not None:
-            blocks, how = int(cfg.kv_cache_memory_gb * GiB) // per_block, "fixed by kv_cache_memory_gb"
-        elif current_platform.supports_memory_profiling:
-            peak = self.runner.profile_peak_bytes()
-            info = current_platform.memory_info()
-            budget = info.total_bytes * cfg.gpu_memory_utilization - (info.total_bytes - info.free_bytes) - peak
-            blocks = int(budget) // per_block
-            how = (f"profiled: activation peak {peak / GiB:.2f} GiB, {cfg.gpu_memory_utilization:.0%} of "
-                   f"{info.total_bytes / GiB:.1f} GiB")
-        else:
-            avail = current_platform.memory_info().free_bytes
-            blocks, how = int(min(_CPU_KV_CAP, avail * _CPU_KV_SHARE)) // per_block, "share of free host memory"
-            # No point holding more than every sequence at full length.
-            blocks = min(blocks, cfg.max_num_seqs * self.runner.max_blocks_per_seq)
-        if blocks < 1:
-            raise RuntimeError(f"no memory left for the KV cache ({how}); lower max_num_batched_tokens or "
-                               "raise gpu_memory_utilization")
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %d tokens), %s", blocks, cfg.block_size,
-                    blocks * per_block / GiB, blocks * cfg.block_size, how)
-        return blocks
+    def _start_workers(self, loaded: LoadedModel | None) -> int:
+        """Tensor parallelism: one worker process per rank holds a shard of the model; this
+        process keeps the scheduler, the tokenizer and the config only."""
+        config = self.config
+        if loaded is not None:
+            raise ValueError("tensor_parallel_size > 1 loads the model in its worker processes: pass a checkpoint "
+                             "path, not a model already in memory")
+        ckpt = resolve_checkpoint(config.model or default_model_path())
+        config.model = ckpt.display
+        self.model, self.model_config = None, load_config(ckpt)
+        self.tokenizer = load_tokenizer(ckpt)
+        self.max_model_len = engine_max_model_len(config, self.model_config)
+        model_class = resolve_model_class(self.model_config)
+        if not getattr(model_class, "supports_tensor_parallel", False):
+            raise ValueError(f"{model_class.__name__} does not support tensor parallelism yet: "
+                             "use tensor_parallel_size=1")
+        check_shardable(self.model_config, config.parallel_config())  # a clear error before any process starts
+        self.runner = None
+        self.executor = MultiprocExecutor(config, self.max_model_len)
+        return self.executor.num_kv_blocks
+
+    def shutdown(self) -> None:
+        """Stop the worker processes (tensor parallelism); a no-op for a single-process engine."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # ---- requests --------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    images: Sequence[Any] | None = None) -> None:
+        """``images``: one per image placeholder token of the prompt (arrays, tensors, paths, data: URLs)."""
         if request_id in self._parents:
             raise ValueError(f"duplicate request id {request_id!r}")
         text = prompt if isinstance(prompt, str) else None
@@ -131,6 +186,12 @@ class EngineCore:
         ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
+        multimodal = None
+        if images:
+            if self.input_processor is None:
+                raise ValueError(f"this model ({type(self.model).__name__}) does not take images")
+            ids, multimodal = self.input_processor.process(ids, images)
+            self.runner.multimodal.check(multimodal)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; this model allows at most {self.max_model_len - 1} "
                              f"(max_model_len={self.max_model_len})")
@@ -140,10 +201,15 @@ class EngineCore:
         for i in range(params.n):
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seed = None if params.seed is None else params.seed + i
-            req = Request(sub_id, ids, params, eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
+            req = Request(sub_id, ids, params, eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
+                          multimodal=multimodal)
             detok = (IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
                                             params.skip_special_tokens) if self.tokenizer is not None else None)
-            gen = make_generator(seed, self.runner.device) if seed is not None else None
+            gen = None
+            if seed is not None and self.executor is not None:
+                self.executor.set_seed(sub_id, seed)  # the sampling rank keeps the generator
+            elif seed is not None:
+                gen = make_generator(seed, self.runner.device)
             seq = _Sequence(req, detok, CompletionOutput(i, "", [], None, [] if params.logprobs is not None else None),
                             gen)
             parent.sequences.append(seq)
@@ -172,8 +238,11 @@ class EngineCore:
         self._collect_scheduler_aborts(sched.finished_ids, touched)
         if sched.is_empty:
             return [p.to_output() for p in touched.values()]
-        result = self.runner.execute(sched, {sid: s.generator for sid, (_, s) in self._sequences.items()
-                                             if s.generator is not None})
+        if self.executor is not None:
+            result = self.executor.execute(sched)
+        else:
+            result = self.runner.execute(sched, {sid: s.generator for sid, (_, s) in self._sequences.items()
+                                                 if s.generator is not None})
         self.num_steps += 1
         finished = {r.request_id for r in self.scheduler.update_from_output(sched, result.sampled)}
         now = time.monotonic()
@@ -239,10 +308,11 @@ class LLM:
         """An engine around a model already in memory (skips loading the checkpoint again)."""
         return cls(loaded.name, _loaded=loaded, **engine_args)
 
-    def generate(self, prompts: str | Sequence[str] | Sequence[list[int]],
+    def generate(self, prompts: str | Sequence[str] | Sequence[list[int]] | dict | Sequence[dict],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """A prompt is text, token ids, or ``{"prompt": text or ids, "images": [...]}`` for vision models."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
@@ -252,7 +322,13 @@ class LLM:
         for prompt, p in zip(prompts, params_list):
             self._counter += 1
             ids.append(str(self._counter))
-            self.engine.add_request(ids[-1], prompt, p)
+            if isinstance(prompt, dict):
+                unknown = sorted(set(prompt) - {"prompt", "images"})
+                if unknown or "prompt" not in prompt:
+                    raise ValueError(f"a prompt dict takes the keys 'prompt' and 'images'; got {sorted(prompt)}")
+                self.engine.add_request(ids[-1], prompt["prompt"], p, images=prompt.get("images"))
+            else:
+                self.engine.add_request(ids[-1], prompt, p)
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,

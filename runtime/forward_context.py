@@ -2,11 +2,13 @@
 
 The model's forward takes only tokens and positions; the attention op finds its layer's KV
 cache and the step's metadata here. This is one of the two pieces of global mutable state the
-project allows (the other is ``compiler.counters``).
+project allows (the other is ``compiler.counters``). The context is per thread: under dual-batch
+overlap (runtime/ubatching.py) each micro-batch thread sets its own, with its own metadata.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -24,23 +26,28 @@ class ForwardContext:
     extras: dict[str, object] = field(default_factory=dict)
 
 
-_forward_context: ForwardContext | None = None
+class _PerThread(threading.local):
+    context: ForwardContext | None = None
+
+
+_state = _PerThread()
 
 
 def get_forward_context() -> ForwardContext:
-    if _forward_context is None:
+    context = _state.context
+    if context is None:
         raise RuntimeError(
             "no forward context is set: run the model inside runtime.forward_context.set_forward_context(...)"
         )
-    return _forward_context
+    return context
 
 
 def has_forward_context() -> bool:
-    return _forward_context is not None
+    return _state.context is not None
 
 
 def current_forward_context() -> ForwardContext | None:
-    return _forward_context
+    return _state.context
 
 
 @contextlib.contextmanager
@@ -49,10 +56,9 @@ def set_forward_context(
     kv_caches: dict[str, torch.Tensor],
     **extras: object,
 ) -> Iterator[ForwardContext]:
-    global _forward_context
-    previous = _forward_context
-    _forward_context = ForwardContext(attn_metadata, kv_caches, dict(extras))
+    previous = _state.context
+    context = _state.context = ForwardContext(attn_metadata, kv_caches, dict(extras))
     try:
-        yield _forward_context
+        yield context
     finally:
-        _forward_context = previous
+        _state.context = previous

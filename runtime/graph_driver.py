@@ -21,11 +21,17 @@ logger = logging.getLogger(__name__)
 
 
 class GraphDriver:
-    def __init__(self, model: nn.Module, config: CompilationConfig, max_tokens: int, max_seqs: int) -> None:
+    def __init__(self, model: nn.Module, config: CompilationConfig, max_tokens: int, max_seqs: int,
+                 num_ubatches: int = 0) -> None:
+        """``num_ubatches`` > 0 (DBO): also capture graphs per micro-batch slot and size."""
         self.model = model
         self.dispatcher = GraphDispatcher(config, max_tokens, current_platform.supports_static_graphs)
         self.runtime = (GraphRuntime(current_platform, current_platform.graph_pool_handle(), debug=config.debug)
                         if self.dispatcher.enabled else None)
+        # One runtime per micro-batch slot, all in the same pool: each carries its slot and its own
+        # per-step mode (the two micro-batches of a step may run different modes).
+        self.ubatch_runtimes = ([GraphRuntime(current_platform, self.runtime.pool, debug=config.debug, ubatch=i)
+                                 for i in range(num_ubatches)] if self.runtime is not None else [])
         # A full graph pads the batch to one sequence per token, so it is bounded by the sequence buffers.
         self.full_sizes = [s for s in self.dispatcher.sizes if s <= max_seqs] if self.dispatcher.full else []
         self.full = StaticGraphRunner(self._forward, "full", frozenset(self.full_sizes)) if self.full_sizes else None
@@ -33,41 +39,56 @@ class GraphDriver:
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def plan(self, num_tokens: int, uniform_decode: bool) -> Dispatch:
-        dispatch = self.dispatcher.dispatch(BatchDescriptor(num_tokens, uniform_decode))
+    def plan(self, num_tokens: int, uniform_decode: bool, ubatch: int | None = None) -> Dispatch:
+        dispatch = self.dispatcher.dispatch(BatchDescriptor(num_tokens, uniform_decode, ubatch))
         if dispatch.mode == "full" and dispatch.padded_tokens not in self.full_sizes:
-            dispatch = self.dispatcher.dispatch(BatchDescriptor(num_tokens, False))
+            dispatch = self.dispatcher.dispatch(BatchDescriptor(num_tokens, False, ubatch))
         if self.dispatcher.enabled and dispatch.mode == "none":
             counters.eager_fallbacks += 1
         return dispatch
 
-    def context_extras(self) -> dict[str, Any]:
-        return {GRAPH_RUNTIME_KEY: self.runtime} if self.runtime is not None else {}
+    def _runtime(self, ubatch: int | None) -> GraphRuntime | None:
+        return self.runtime if ubatch is None or self.runtime is None else self.ubatch_runtimes[ubatch]
+
+    def context_extras(self, ubatch: int | None = None) -> dict[str, Any]:
+        runtime = self._runtime(ubatch)
+        return {GRAPH_RUNTIME_KEY: runtime} if runtime is not None else {}
 
     def run(self, dispatch: Dispatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The forward for this step; call inside the step's forward context."""
-        if self.runtime is not None:
-            self.runtime.mode = dispatch.mode
+        """The forward for this step (or micro-batch); call inside its forward context."""
+        runtime = self._runtime(dispatch.ubatch)
+        if runtime is not None:
+            runtime.mode = dispatch.mode
         if dispatch.mode == "full":
-            hidden = self.full(self.runtime, dispatch.padded_tokens, (input_ids, positions))
+            hidden = self.full(runtime, dispatch.padded_tokens, (input_ids, positions))
             if self.full.failed:
                 self.dispatcher.disable_full("capture failed")
                 self.full, self.full_sizes = None, []
             return hidden
         return self.model(input_ids, positions)
 
-    def capture_sizes(self) -> list[tuple[str, int]]:
-        """(mode, size) pairs to capture at start-up, largest first (later sizes reuse its pool)."""
-        sizes = sorted(set(self.dispatcher.sizes), reverse=True) if self.dispatcher.enabled else []
+    def capture_sizes(self) -> list[tuple[str, int, int | None]]:
+        """(mode, size, micro-batch slot) to capture at start-up, largest first (later sizes reuse its
+        pool); whole-step graphs, then each DBO slot's graphs up to the largest micro-batch size."""
+        if not self.dispatcher.enabled:
+            return []
         plan = []
-        for size in sizes:
-            if size in self.full_sizes:
-                plan.append(("full", size))
-            if self.dispatcher.piecewise:
-                plan.append(("piecewise", size))
+        slots = [(None, self.dispatcher.sizes)] + [(rt.ubatch, self.dispatcher.ubatch_sizes)
+                                                    for rt in self.ubatch_runtimes]
+        for ubatch, sizes in slots:
+            for size in sorted(set(sizes), reverse=True):
+                if size in self.full_sizes:
+                    plan.append(("full", size, ubatch))
+                if self.dispatcher.piecewise:
+                    plan.append(("piecewise", size, ubatch))
         return plan
+
+    def pool_bytes(self) -> int:
+        """Graph pool memory captured so far (whole-step and micro-batch graphs)."""
+        return sum(r.pool_bytes for r in [self.runtime, *self.ubatch_runtimes] if r is not None)
 
     def log_capture(self) -> None:
         if self.runtime is not None:
+            runtimes = [self.runtime, *self.ubatch_runtimes]
             logger.info("captured %d static graphs in %.1f s; graph pool %.1f MiB", counters.graphs_captured,
-                        self.runtime.capture_seconds, self.runtime.pool_bytes / 2**20)
+                        sum(r.capture_seconds for r in runtimes), sum(r.pool_bytes for r in runtimes) / 2**20)

@@ -97,7 +97,8 @@ class KVCacheManager:
         Returns the block ids and how many tokens they cover. Ref counts are untouched;
         pass the blocks to ``allocate`` to claim them.
         """
-        if not self.enable_prefix_caching:
+        # Image placeholder tokens are the same for every image: a multimodal prompt never shares blocks.
+        if not self.enable_prefix_caching or request.multimodal is not None:
             return [], 0
         # At least one token must still run through the model so there are logits to
         # sample from; hence the -1.
@@ -117,7 +118,7 @@ class KVCacheManager:
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register hashes of the request's blocks that are now full of computed tokens."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.multimodal is not None:
             return
         state = self._hash_states.setdefault(request.request_id, _HashState())
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))

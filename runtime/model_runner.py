@@ -18,6 +18,8 @@ from runtime.graph_driver import GraphDriver
 from runtime.platforms import current_platform
 from runtime.sampler import Sampler, SamplingBatch
 from runtime.scheduler import ScheduledRequest, SchedulerOutput
+from runtime.ubatch_split import DBOThresholds, UBatchSlice, plan_ubatches, slice_lens
+from runtime.ubatching import NUM_UBATCHES, UBatchThreads, YieldPoint
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,24 @@ class StepResult:
     sampled: dict[str, int]
     # request id -> (sampled token logprob, [(token, logprob), ...] top entries or None)
     logprobs: dict[str, tuple[float, list[tuple[int, float]] | None]]
+
+
+@dataclass
+class HostStep:
+    """A step's inputs on the host, flat over tokens (ids, positions, slots) or per request row."""
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    tables: torch.Tensor  # [rows, max_blocks_per_seq] int32
+    query_lens: list[int]
+    seq_lens: list[int]
+
+    def part(self, ub: UBatchSlice) -> "HostStep":
+        """The share of one DBO micro-batch (a cut request's KV ends where its part ends)."""
+        t = slice(ub.tokens.start, ub.tokens.stop)
+        query_lens, seq_lens = slice_lens(self.query_lens, self.seq_lens, ub)
+        return HostStep(self.ids[t], self.positions[t], self.slots[t], self.tables[ub.rows.start:ub.rows.stop],
+                        query_lens, seq_lens)
 
 
 class InputBuffers:
@@ -46,7 +66,7 @@ class InputBuffers:
 class ModelRunner:
     def __init__(self, model: nn.Module, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  block_size: int, dtype: torch.dtype, device: torch.device, vocab_size: int,
-                 compilation_config: CompilationConfig | None = None) -> None:
+                 compilation_config: CompilationConfig | None = None, dbo: DBOThresholds | None = None) -> None:
         self.model, self.dtype, self.device = model, dtype, device
         self.block_size, self.max_model_len = block_size, max_model_len
         self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_batched_tokens
@@ -55,8 +75,18 @@ class ModelRunner:
         self.buffers = InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
         self.sampler = Sampler()
         self.kv_caches: dict[str, torch.Tensor] = {}
+        self.multimodal = None  # runtime.multimodal.MultimodalRunner, set by attach_multimodal for vision models
         self.graphs = GraphDriver(model, compilation_config or CompilationConfig(), max_num_batched_tokens,
-                                  max_num_seqs)
+                                  max_num_seqs, NUM_UBATCHES if dbo is not None else 0)
+        # DBO: each micro-batch slot has its own persistent buffers (graph inputs keep their addresses
+        # whatever the split) and its own stream (None where the platform has none).
+        self.dbo = dbo
+        self.ubatch_buffers = ([InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
+                                for _ in range(NUM_UBATCHES)] if dbo is not None else [])
+        self.ubatch_threads = (UBatchThreads(NUM_UBATCHES, [current_platform.new_stream() for _ in self.ubatch_buffers],
+                                             torch.inference_mode) if dbo is not None else None)
+        self.dbo_steps = 0  # steps run as two micro-batches
+        self.last_dbo_trace: list[YieldPoint] = []  # yield points of the last split step, in order
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -73,6 +103,8 @@ class ModelRunner:
                                      self.device)
         md.slot_mapping.fill_(-1)
         n = sum(lens)
+        if self.multimodal is not None:  # vision models: the encoder at its largest budget, merged into this step
+            self.multimodal.prepare_profile(n)
         with set_forward_context(md, dummy_kv):
             hidden = self.model(self.buffers.input_ids[:n], self.buffers.positions[:n])
             self.model.compute_logits(hidden[: len(lens)])
@@ -96,15 +128,18 @@ class ModelRunner:
     def capture_graphs(self) -> None:
         """Warm up and capture every (mode, size) graph, largest first, before serving."""
         plan = self.graphs.capture_sizes()
-        for mode, size in tqdm(plan, desc="Capturing graphs", unit="graph", disable=not plan, leave=False):
+        for mode, size, ubatch in tqdm(plan, desc="Capturing graphs", unit="graph", disable=not plan, leave=False):
             for _ in range(2):  # the first call at a size warms up, the second captures
-                self._dummy_step(mode, size)
+                self._dummy_step(mode, size, ubatch)
+        if self.multimodal is not None:
+            self.multimodal.encoder.capture()
         current_platform.synchronize()
         self.graphs.log_capture()
 
-    def _dummy_step(self, mode: str, size: int) -> None:
-        """``size`` one-token sequences writing nowhere (slot -1), through the persistent buffers."""
-        buf = self.buffers
+    def _dummy_step(self, mode: str, size: int, ubatch: int | None = None) -> None:
+        """``size`` one-token sequences writing nowhere (slot -1), through the persistent buffers
+        (micro-batch slot ``ubatch``'s under DBO: its graphs are captured from the calling thread)."""
+        buf = self.buffers if ubatch is None else self.ubatch_buffers[ubatch]
         seqs = min(size, self.max_num_seqs)
         buf.slot_mapping[:size].fill_(-1)
         buf.seq_lens[:seqs].fill_(1)
@@ -118,14 +153,14 @@ class ModelRunner:
             query_start_loc=buf.query_start_loc[: seqs + 1], num_actual_tokens=size,
             max_query_len=size - seqs + 1, max_seq_len=size - seqs + 1, block_size=self.block_size,
             query_lens_cpu=[1] * (seqs - 1) + [size - seqs + 1], seq_lens_cpu=[1] * (seqs - 1) + [size - seqs + 1])
-        with set_forward_context(md, self.kv_caches, **self.graphs.context_extras()):
-            self.graphs.run(Dispatch(mode, size), buf.input_ids[:size], buf.positions[:size])
+        with set_forward_context(md, self.kv_caches, **self.graphs.context_extras(ubatch)):
+            self.graphs.run(Dispatch(mode, size, ubatch), buf.input_ids[:size], buf.positions[:size])
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size, self.dtype, self.device)
 
     # ---- one step --------------------------------------------------------------------------
-    def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[AttentionMetadata, Dispatch]:
+    def _host_step(self, scheduled: list[ScheduledRequest]) -> HostStep:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -145,9 +180,14 @@ class ModelRunner:
             tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             query_lens.append(end - start)
             seq_lens.append(end)
-        n, s = len(ids), len(scheduled)
-        dispatch = self.graphs.plan(n, max(query_lens) == 1)
-        buf = self.buffers
+        return HostStep(ids, positions, slots, tables, query_lens, seq_lens)
+
+    def _fill(self, host: HostStep, buf: InputBuffers, ubatch: int | None = None) -> tuple[AttentionMetadata, Dispatch]:
+        """Copy a step's (or micro-batch's) inputs into ``buf``; its metadata and graph dispatch."""
+        ids, positions, slots, tables = host.ids, host.positions, host.slots, host.tables
+        query_lens, seq_lens, bs = host.query_lens, host.seq_lens, self.block_size
+        n, s = len(ids), len(query_lens)
+        dispatch = self.graphs.plan(n, max(query_lens) == 1, ubatch)
         buf.input_ids[:n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
         buf.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
         buf.slot_mapping[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
@@ -172,16 +212,50 @@ class ModelRunner:
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
         return md, dispatch
 
-    @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, generators: dict[str, torch.Generator]) -> StepResult:
-        md, dispatch = self._prepare(output.scheduled)
+    def _forward_whole(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over the step; hidden states and each request's last token row."""
+        md, dispatch = self._fill(host, self.buffers)
         padded = dispatch.padded_tokens
         with set_forward_context(md, self.kv_caches, **self.graphs.context_extras()):
             hidden = self.graphs.run(dispatch, self.buffers.input_ids[:padded], self.buffers.positions[:padded])
+        return hidden, md.query_start_loc[1:].long() - 1
+
+    def _forward_dbo(self, host: HostStep, split: list[UBatchSlice]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two micro-batches on two threads, overlapping at every collective; hidden rows joined back
+        in the step's token order (micro-batch 0 holds the first half of the flat tokens)."""
+        steps = []
+        for i, part in enumerate(split):
+            sub = host.part(part)
+            md, dispatch = self._fill(sub, self.ubatch_buffers[i], ubatch=i)
+            steps.append((i, md, dispatch, len(sub.ids)))
+
+        def micro_batch(i: int, md: AttentionMetadata, dispatch: Dispatch, n: int):
+            buf, padded = self.ubatch_buffers[i], dispatch.padded_tokens
+            with set_forward_context(md, self.kv_caches, ubatch_id=i, **self.graphs.context_extras(i)):
+                return self.graphs.run(dispatch, buf.input_ids[:padded], buf.positions[:padded])[:n]
+
+        trace: list[YieldPoint] = []
+        parts = self.ubatch_threads.run([lambda step=step: micro_batch(*step) for step in steps], trace)
+        self.dbo_steps += 1
+        self.last_dbo_trace = trace
+        ends = torch.tensor(host.query_lens).cumsum(0) - 1
+        return torch.cat(parts), ends.to(self.device, non_blocking=True)
+
+    def forward_step(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model forward of a step, split into DBO micro-batches when it reaches a threshold
+        (vision models are not split: their M-RoPE positions live in one step-wide buffer)."""
+        split = plan_ubatches(host.query_lens, self.dbo) if self.dbo is not None and self.multimodal is None else None
+        return self._forward_dbo(host, split) if split else self._forward_whole(host)
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput, generators: dict[str, torch.Generator]) -> StepResult:
+        host = self._host_step(output.scheduled)
+        if self.multimodal is not None:  # vision models: M-RoPE positions, encoder runs, image rows (in place)
+            self.multimodal.prepare(output.scheduled, len(host.ids))
+        hidden, last_token = self.forward_step(host)
         sampling_rows = [(row, item.request) for row, item in enumerate(output.scheduled) if item.samples]
         if not sampling_rows:
             return StepResult({}, {})
-        last_token = md.query_start_loc[1:].long() - 1
         rows = torch.tensor([row for row, _ in sampling_rows], device=self.device)
         logits = self.model.compute_logits(hidden[last_token[rows]]).float()
         requests = [req for _, req in sampling_rows]

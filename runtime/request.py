@@ -51,6 +51,8 @@ class Request:
     num_preemptions: int = 0
     # Why the scheduler finished the request on its own (e.g. prompt too long), for the user.
     finish_reason_detail: str | None = None
+    # Images of a multimodal prompt (models.qwen2_vl_processing.MultimodalPrompt), else None.
+    multimodal: object | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

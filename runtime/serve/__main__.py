@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 logger = logging.getLogger("runtime.serve")
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+_ENGINE_WATCH_S = 0.5
 _GRACEFUL_SHUTDOWN_S = 15
 
 
@@ -55,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compilation-config", default=None, metavar="JSON",
                    help="compiler settings as JSON, e.g. '{\"mode\": \"compile\", \"graph_mode\": \"piecewise\"}' "
                         "(default: eager)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard the model over this many ranks, one worker process each (default: %(default)s)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models under tensor parallelism: whole experts per rank instead of slices of every expert")
+    p.add_argument("--dbo", action="store_true",
+                   help="dual-batch overlap: split large steps into two micro-batches whose communication "
+                        "overlaps the other's compute (pays off with tensor/expert parallelism)")
+    p.add_argument("--dbo-decode-token-threshold", type=int, default=32,
+                   help="with --dbo: split decode-only steps of at least this many tokens (default: %(default)s)")
+    p.add_argument("--dbo-prefill-token-threshold", type=int, default=512,
+                   help="with --dbo: split steps with a prefill of at least this many tokens "
+                        "(default: %(default)s)")
+    p.add_argument("--max-image-patches", type=int, default=None,
+                   help="vision models: the largest image in encoder patches (default: the processor's max_pixels)")
     p.add_argument("--max-n", type=int, default=16,
                    help="largest n (completions per prompt) a request may ask for (default: %(default)s)")
     p.add_argument("--max-body-mb", type=float, default=4.0,
@@ -100,7 +115,12 @@ def _build_engine(args: argparse.Namespace):
     config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                          compilation_config=args.compilation_config)
+                          compilation_config=args.compilation_config, enable_dbo=args.dbo,
+                          dbo_decode_token_threshold=args.dbo_decode_token_threshold,
+                          dbo_prefill_token_threshold=args.dbo_prefill_token_threshold,
+                          max_image_patches=args.max_image_patches,
+                          tensor_parallel_size=args.tensor_parallel_size,
+                          enable_expert_parallel=args.enable_expert_parallel)
     start = time.perf_counter()
     logger.info("building the engine: model=%s dtype=%s compilation=%s (load, compile, warm-up) ...",
                 args.model or DEFAULT_SERVED_NAME, args.dtype, config.compilation_config.mode)
@@ -140,6 +160,24 @@ def _make_server(config, on_exit: Callable[[], None]):
                 on_exit()
 
     return Server(config)
+
+
+def _exit_when_engine_dies(engine, server) -> None:
+    """A dead engine loop (e.g. a tensor-parallel worker died) stops the server: serving only
+    errors would hide the failure from whatever supervises this process."""
+    def watch() -> None:
+        while not server.should_exit:
+            if not engine.is_alive and not server.should_exit:
+                logger.error("the engine stopped (%s): shutting the server down", engine.failure)
+                server.should_exit = True
+                return
+            time.sleep(_ENGINE_WATCH_S)
+
+    threading.Thread(target=watch, name="graphmode-engine-watch", daemon=True).start()
+
+
+def engine_died_cleanly(engine) -> bool:
+    return engine.failure is None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                             log_level=args.log_level, access_log=not args.no_access_log,
                             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
     server = _make_server(config, stop_engine)
+    _exit_when_engine_dies(engine, server)
     logger.info("serving %s on http://%s:%d%s", settings.model_name, args.host, sock.getsockname()[1],
                 " (API key required)" if api_key else "")
     try:
@@ -193,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.shutdown()
         sock.close()
-    if not server.started:
+    if not server.started or not engine_died_cleanly(engine):
         return 1
     logger.info("shut down cleanly")
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 from runtime.async_engine import AsyncEngine
 from runtime.sampling_params import SamplingParams
 from runtime.serve.errors import APIError, bad_request, from_sampling_error
+from runtime.serve.images import decode_images, image_placeholder
 from runtime.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
 from runtime.serve.settings import ServerSettings
 
@@ -23,6 +24,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 class Prompt:
     token_ids: list[int]
     text: str | None = None
+    images: list | None = None  # decoded images, one per image placeholder (vision models)
 
 
 class Preprocessor:
@@ -31,6 +33,7 @@ class Preprocessor:
         self.max_model_len: int = engine.core.max_model_len
         self.vocab_size: int = engine.core.model_config.vocab_size
         self.settings = settings
+        self.image_placeholder = image_placeholder(engine.core)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="graphmode-tokenize")
 
     def close(self) -> None:
@@ -122,11 +125,15 @@ class Preprocessor:
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise bad_request("only response_format {'type': 'text'} is supported", param="response_format",
                               code="unsupported_parameter")
-        conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                        for m in req.messages]
+        urls = [url for m in req.messages for url in m.image_urls()]
+        if urls and self.image_placeholder is None:
+            raise bad_request("messages contain images, but this model does not take images", param="messages")
+        images = await self._in_pool(decode_images, urls) if urls else None
+        conversation = [{"role": m.role, "content": m.text(self.image_placeholder or ""),
+                         **({"name": m.name} if m.name else {})} for m in req.messages]
         text, ids = await self._in_pool(self._render_chat, conversation, req.add_generation_prompt)
         self._check_ids(ids, "messages")
-        return Prompt(ids, text)
+        return Prompt(ids, text, images)
 
     def _render_chat(self, conversation: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
         tok = self.tokenizer

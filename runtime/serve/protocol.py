@@ -56,17 +56,33 @@ class TextPart(_Request):
     text: str
 
 
+class ImageURL(_Request):
+    url: str  # only data: URLs (base64) are read; the server fetches nothing
+    detail: str | None = None
+
+
+class ImagePart(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
 
-    def text(self) -> str:
+    def text(self, image_placeholder: str = "") -> str:
+        """The message text, each image part replaced by the model's image placeholder."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text if isinstance(part, TextPart) else image_placeholder for part in self.content)
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImagePart)]
 
 
 class ChatCompletionRequest(_SamplingRequest):

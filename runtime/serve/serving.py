@@ -58,7 +58,7 @@ class ServingBase:
               params: list[SamplingParams]) -> list[AsyncIterator[RequestOutput]]:
         """One tracked engine stream per prompt (nothing reaches the engine until they are iterated)."""
         return [self.metrics.track(self.engine.generate(request_id if len(prompts) == 1 else f"{request_id}-{i}",
-                                                        p.token_ids, sp))
+                                                        p.token_ids, sp, **({"images": p.images} if p.images else {})))
                 for i, (p, sp) in enumerate(zip(prompts, params))]
 
     async def collect(self, receive, streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
