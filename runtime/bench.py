@@ -8,7 +8,6 @@ Prints a table and, with --json, writes the numbers to a file.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -141,7 +140,7 @@ def bench_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
                          "cold_start_s": cold_start,
                          "graph_pool_mib": stats["pool_bytes"] / 2**20,
                          "graphs": stats["counters"].graphs_captured, "replays": stats["counters"].graph_replays,
-                         "kernels_per_step": getattr(llm.engine, "bench_kernels_per_step", None),
+                         **_profile_columns(getattr(llm.engine, "bench_step_profile", None)),
                          "pass_matches": sum(stats["counters"].pass_matches.values()),
                          "dbo_steps": stats["dbo_steps"], "tp": args.tensor_parallel_size})
         llm.engine.shutdown()
@@ -153,6 +152,12 @@ def bench_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 _KERNEL_COUNT_STEPS = 5
+
+
+def _profile_columns(profile) -> dict[str, Any]:
+    if profile is None:
+        return {"kernels_per_step": None, "collective_ms": None}
+    return {"kernels_per_step": profile.kernels_per_step, "collective_ms": profile.collective_ms_per_step}
 
 
 def _decode_step_times(core, vocab: int, batch: int, args: argparse.Namespace) -> list[float]:
@@ -175,32 +180,29 @@ def _decode_step_times(core, vocab: int, batch: int, args: argparse.Namespace) -
         times.append(time.perf_counter() - start)
     # Under tensor parallelism the forward runs in the workers: only whole steps are timed.
     forward = _forward_times(core, args.steps) if core.executor is None else []
-    if args.count_kernels and core.executor is None:
-        core.bench_kernels_per_step = _kernels_per_step(core, _KERNEL_COUNT_STEPS)
+    if args.count_kernels:
+        core.bench_step_profile = _profile_steps(core, _KERNEL_COUNT_STEPS)
     for rid in ids:
         core.abort_request(rid)
     return times, forward
 
 
-def _kernels_per_step(core, steps: int) -> float | None:
-    """Device kernels launched per engine step (torch profiler; a graph replay counts its kernels
-    only where the profiler sees inside graphs, so use this with graph_mode none). None where the
-    platform's kernels are not visible to torch's profiler."""
-    from torch.profiler import ProfilerActivity, profile
+def _profile_steps(core, steps: int):
+    """Kernels per engine step and collective time (a graph replay's kernels count where the profiler
+    sees inside graphs, as CUPTI does on CUDA); under tensor parallelism, rank 0's view."""
+    from runtime.profiling import KernelProfiler
 
-    device_kernels = current_platform.profiler_kernel_activity()
-    if device_kernels is None:
-        return None
-    activity, device_type = device_kernels
-    # Without acc_events (where torch has it) the profiler drops the events at the end of its cycle,
-    # and an H100 run read 0 kernels.
-    extra = {"acc_events": True} if "acc_events" in inspect.signature(profile.__init__).parameters else {}
-    with profile(activities=[ProfilerActivity.CPU, activity], **extra) as prof:
+    if core.executor is not None:
+        started = core.executor.call_workers("profile_start")
         for _ in range(steps):
             core.step()
-        current_platform.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == device_type]
-    return len(kernels) / steps
+        return core.executor.call_workers("profile_stop", steps)[0] if all(started) else None
+    profiler = KernelProfiler()
+    if not profiler.start():
+        return None
+    for _ in range(steps):
+        core.step()
+    return profiler.stop(steps)
 
 
 def _forward_times(core, steps: int) -> list[float]:
@@ -368,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.bench_mm_encoder import main_mm_encoder
 
         return main_mm_encoder(args, _print_table)
-    rows = bench_latency(args) if args.command == "latency" else bench_throughput(args)
+    from models.default import DefaultModelMissing
+
+    try:
+        rows = bench_latency(args) if args.command == "latency" else bench_throughput(args)
+    except (ValueError, DefaultModelMissing) as e:  # bad model path, config or size: one line, no trace
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     header = {"command": args.command, "model": args.model or "smollm2", "dtype": args.dtype,
               "device": current_platform.device_name(), "torch": torch.__version__}
     print(json.dumps(header))

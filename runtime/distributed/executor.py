@@ -110,6 +110,10 @@ class MultiprocExecutor:
         """Every rank's runner attributes ``names`` (dotted; methods are called) and compiler counters."""
         return self._call("runner_info", (list(names),), STEP_TIMEOUT_S)
 
+    def call_workers(self, method: str, *args: Any) -> list[Any]:
+        """Every rank's ``method(*args)`` on its worker (e.g. "profile_start"); results by rank."""
+        return self._call(method, args, STEP_TIMEOUT_S)
+
     def shutdown(self) -> None:
         self._finalizer()
 

@@ -66,6 +66,7 @@ class _Worker:
         self.runner = make_runner(config, loaded, spec.max_model_len)
         self.decoder = StepDecoder()
         self.generators: dict[str, torch.Generator] = {}
+        self.profiler: Any = None  # a KernelProfiler between profile_start and profile_stop
 
     def plan(self) -> int:
         from runtime.engine import plan_kv_blocks
@@ -100,6 +101,18 @@ class _Worker:
             self.generators[rid] = make_generator(seed, self.runner.device)
         result = self.runner.execute(output, self.generators)
         return result if self.rank == 0 else None
+
+    def profile_start(self) -> bool:
+        """Start counting device kernels (False where the platform's kernels are invisible)."""
+        from runtime.profiling import KernelProfiler
+
+        self.profiler = KernelProfiler()
+        return self.profiler.start()
+
+    def profile_stop(self, steps: int) -> Any:
+        """StepProfile of the steps since ``profile_start`` (runtime/profiling.py)."""
+        profiler, self.profiler = self.profiler, None
+        return profiler.stop(steps) if profiler is not None else None
 
     def dbo_stats(self) -> tuple[int, list[Any]]:
         """DBO steps run so far and the yield points of the last one, in order (tests, benchmarks)."""

@@ -84,6 +84,9 @@ class Platform:
         """(torch.profiler.ProfilerActivity, torch.autograd.DeviceType) of device kernels, or None."""
         return None
 
+    # Substring of the profiler names of the communication library's kernels (None: not visible).
+    collective_kernel_marker: str | None = None
+
     # ---- streams, events, devices (CPU has one implicit stream: these are no-ops there) ----
     supports_streams: bool = False
 

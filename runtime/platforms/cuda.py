@@ -58,6 +58,7 @@ class CudaPlatform(Platform):
 
         return ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA
 
+    collective_kernel_marker = "nccl"  # ncclDevKernel_AllReduce_..., ncclKernel_AllGather_...
     supports_streams = True
 
     def device_count(self) -> int:
