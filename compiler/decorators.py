@@ -21,7 +21,7 @@ import torch.fx.experimental._config as fx_config
 
 from compiler.backend import GraphModeBackend
 from compiler.config import CompilationConfig, current_config
-from compiler.direct_call import DirectCall, RecordingBackend, plan_direct_call
+from compiler.direct_call import DirectCall, RecordingBackend, WeakBackend, plan_direct_call
 from runtime.platforms import current_platform
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class CompiledForward:
         keep = (lambda guards: [g.guard_type != "SHAPE_ENV" for g in guards]) if config.debug else \
             (lambda guards: [False] * len(guards))
         options = {"guard_filter_fn": keep}
-        self.compiled = torch.compile(_fresh_function(forward), backend=self.recorder, fullgraph=True,
+        self.compiled = torch.compile(_fresh_function(forward), backend=WeakBackend(self.recorder), fullgraph=True,
                                       dynamic=False, options=options)
         self.traced = False
         self.direct: DirectCall | None = None  # after the first trace (not in debug: guards stay on)
@@ -96,6 +96,8 @@ class CompiledForward:
             self.traced = True
             if not self.config.debug:
                 self.direct = plan_direct_call(self.signature, self.recorder.first, module, args, kwargs, out, self.tag)
+            # Dynamo's code cache outlives the model and reaches the recorder: keep no tensors there.
+            self.recorder.first.args = self.recorder.first.output = None
             return out
         if self.direct is not None:
             return self.direct(module, *args, **kwargs)

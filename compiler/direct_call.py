@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -62,6 +63,22 @@ class RecordingBackend:
             return out
 
         return run_and_record
+
+
+class WeakBackend:
+    """What ``torch.compile`` is given. Dynamo keeps every backend it has seen in a process-wide
+    dict (``torch._dynamo.eval_frame.cached_backends``) for ever; reached through it, a model's
+    compiled pieces, static graphs and their memory pool would outlive the model. The real backend
+    lives as long as the model that owns it."""
+
+    def __init__(self, backend: Callable) -> None:
+        self._backend = weakref.ref(backend)
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        backend = self._backend()
+        if backend is None:
+            raise RuntimeError("the model that owned this compiled forward is gone")
+        return backend(gm, example_inputs)
 
 
 class DirectCall:

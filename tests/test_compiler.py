@@ -181,3 +181,20 @@ def test_direct_call_keeps_tuple_outputs_and_refuses_an_argument_traced_as_none(
         torch.testing.assert_close(s, ref_s)
         with pytest.raises(TypeError, match="'extra' was None when the model was traced"):
             model(x, torch.ones(5, 8))
+
+
+def test_a_compiled_model_is_freed_when_dropped():
+    """Dynamo keeps every backend it saw for the life of the process: ours must not pin the model,
+    its pieces or (on devices with graphs) their memory pool."""
+    import gc
+    import weakref
+
+    model = Toy(compilation_config=CompilationConfig(mode="compile", backend="eager",
+                                                     splitting_ops=["graphmode_test::mix"]))
+    with torch.no_grad():
+        model(torch.randn(3, 16), torch.rand(3))
+        model(torch.randn(5, 16), torch.rand(5))
+    weight, backend = weakref.ref(model.layers[0].weight), weakref.ref(model._compiled_forward.backend)
+    del model
+    gc.collect()
+    assert weight() is None and backend() is None
