@@ -47,10 +47,15 @@ class MultimodalStep:
 class StepBuffers:
     """Persistent per-step inputs the runner fills in place (runtime/multimodal.py): static graphs
     read them at fixed addresses, and every step, decode included, runs the same merge."""
-    mrope_positions: torch.Tensor  # [3, max_tokens] int64
+    mrope_flat: torch.Tensor  # [3 * max_tokens] int64, read through mrope_positions(n)
     is_image: torch.Tensor  # [max_tokens] bool
     image_embeds: torch.Tensor  # [max_tokens, hidden]
     inputs_embeds: torch.Tensor  # [max_tokens, hidden]: the decoder's input
+
+    def mrope_positions(self, num_tokens: int) -> torch.Tensor:
+        """[3, num_tokens] positions, contiguous. A column slice of a [3, max_tokens] buffer would
+        keep max_tokens as its row stride, and Inductor's code asserts the strides it traced with."""
+        return self.mrope_flat[: 3 * num_tokens].view(3, num_tokens)
 
 
 def mrope_section(text_config: Any) -> list[int]:
@@ -132,7 +137,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         device, hidden = self.lm_head.weight.device, self.lm_head.in_features
         dtype = self.model.language_model.embed_tokens.weight.dtype
         self.step_buffers = StepBuffers(
-            torch.zeros(3, max_tokens, dtype=torch.int64, device=device),
+            torch.zeros(3 * max_tokens, dtype=torch.int64, device=device),
             torch.zeros(max_tokens, dtype=torch.bool, device=device),
             torch.zeros(max_tokens, hidden, dtype=dtype, device=device),
             torch.zeros(max_tokens, hidden, dtype=dtype, device=device))
@@ -158,7 +163,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         buffers = self.step_buffers
         if buffers is not None and positions.dim() == 1:  # under the engine
             embeds = merge_image_embeddings(embeds, buffers.is_image[:n], buffers.image_embeds[:n])
-            return self.model.language_model(buffers.mrope_positions[:, :n], buffers.inputs_embeds[:n].copy_(embeds))
+            return self.model.language_model(buffers.mrope_positions(n), buffers.inputs_embeds[:n].copy_(embeds))
         from runtime.forward_context import current_forward_context
 
         ctx = current_forward_context()

@@ -63,7 +63,7 @@ class MultimodalRunner:
                 self._image_rows(req, mm, start, end, offset, rows, embeds)
             offset += end - start
         buffers = self.buffers
-        buffers.mrope_positions[:, :num_tokens].copy_(torch.cat(positions, dim=1), non_blocking=True)
+        buffers.mrope_positions(num_tokens).copy_(torch.cat(positions, dim=1), non_blocking=True)
         buffers.is_image[:num_tokens].fill_(False)
         if rows:
             index = torch.cat(rows).to(self.device)
@@ -107,7 +107,7 @@ class MultimodalRunner:
         pixels, grids = self.encoder.dummy_batch(self.max_image_patches)
         merged = self.encoder.run(pixels, grids)
         k = min(merged.shape[0], num_tokens)
-        self.buffers.mrope_positions[:, :num_tokens].zero_()
+        self.buffers.mrope_positions(num_tokens).zero_()
         self.buffers.is_image[:num_tokens].fill_(False)
         self.buffers.is_image[:k].fill_(True)
         self.buffers.image_embeds[:k].copy_(merged[:k])

@@ -1,4 +1,10 @@
-"""The fusion passes on CUDA in bf16: tiny Qwen3 (q/k norm + rotary) and Qwen3-MoE, passes on vs off."""
+"""The fusion passes on CUDA in bf16: tiny Qwen3 (q/k norm + rotary) and Qwen3-MoE, passes on vs off.
+
+Tiny random models have nearly flat logits, so a greedy token can flip on a last-bit difference
+(the fused norm sums in another order); what must hold is the logits, within bf16 tolerance, for
+every token of a batch of prompts. Greedy identity with and without passes is checked on SmolLM2
+with natural prompts in tests/gpu/test_graphs.py.
+"""
 import pytest
 import torch
 
@@ -10,25 +16,26 @@ if not torch.cuda.is_available():
 from compiler import CompilationConfig, counters  # noqa: E402
 from models.loader import load_model  # noqa: E402
 from models.testing import write_tiny_checkpoint  # noqa: E402
-from runtime.engine import LLM  # noqa: E402
-from runtime.sampling_params import SamplingParams  # noqa: E402
+from tests.paged import PagedDriver  # noqa: E402
 
 
-def _greedy(path: str, passes: list[str]) -> tuple[list[list[int]], int]:
+def _logits(path: str, passes: list[str], prompts: list[list[int]]) -> tuple[torch.Tensor, int]:
     counters.reset()
     loaded = load_model(path, dtype="bfloat16", device="cuda", compilation_config=CompilationConfig(
         mode="compile", backend="eager", passes=passes))
-    llm = LLM.from_loaded(loaded, max_num_seqs=8, max_model_len=256, num_kv_blocks=128, max_num_batched_tokens=64)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, loaded.config.vocab_size, (n,), generator=g).tolist() for n in (3, 11, 40, 90)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs], sum(counters.pass_matches.values())
+    driver = PagedDriver(loaded.model, max_len=128, num_seqs=len(prompts), device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        logits = driver.step(prompts, [0] * len(prompts), list(range(len(prompts))))
+    return logits.float(), sum(counters.pass_matches.values())
 
 
 @pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "Qwen3MoeForCausalLM"])
-def test_passes_keep_bf16_greedy_tokens(arch, tmp_path):
+def test_passes_keep_bf16_logits(arch, tmp_path):
     path = write_tiny_checkpoint(arch, str(tmp_path / arch))
-    unfused, none_matched = _greedy(path, [])
-    fused, matched = _greedy(path, ["default"])
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 200, (n,), generator=g).tolist() for n in (3, 11, 40, 90)]
+    unfused, none_matched = _logits(path, [], prompts)
+    fused, matched = _logits(path, ["default"], prompts)
     assert none_matched == 0 and matched > 0
-    assert fused == unfused
+    scale = unfused.abs().max().item()
+    torch.testing.assert_close(fused, unfused, atol=0.02 * scale, rtol=0.02)
