@@ -23,7 +23,7 @@ MODES = {
     # Fused kernels against the unfused ops, without graphs, and both graph kinds with the passes.
     "compiled_no_passes": dict(mode="compile", backend="eager", passes=[]),
     "compiled_passes": dict(mode="compile", backend="eager"),
-    "default_piecewise": dict(  # full_and_piecewisemode="compile", backend="eager", graph_mode="full_and_piecewise", capture_sizes=SIZES),
+    "default_piecewise": dict(mode="compile", backend="eager", graph_mode="full_and_piecewise", capture_sizes=SIZES),
 }
 NATURAL = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "List three primary colors:", "Water boils at", "The quick brown fox", "import numpy as np\n",
