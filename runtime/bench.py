@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mm-encoder":
         from runtime.bench_mm_encoder import main_mm_encoder
 
-        return main_mm_encoder(args, _print_table)
+        return main_mm_encoder(args, report)
     from models.default import DefaultModelMissing
 
     try:
@@ -377,14 +377,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DefaultModelMissing) as e:  # bad model path, config or size: one line, no trace
         print(f"error: {e}", file=sys.stderr)
         return 2
-    header = {"command": args.command, "model": args.model or "smollm2", "dtype": args.dtype,
-              "device": current_platform.device_name(), "torch": torch.__version__}
+    report({"command": args.command, "model": args.model or "smollm2", "dtype": args.dtype}, rows, args.json)
+    return 0
+
+
+def report(header: dict[str, Any], rows: list[dict[str, Any]], json_path: str | None) -> None:
+    """Header line (with device and torch), the table, and the same as JSON where asked."""
+    header = {**header, "device": current_platform.device_name(), "torch": torch.__version__}
     print(json.dumps(header))
     _print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump({**header, "results": rows}, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

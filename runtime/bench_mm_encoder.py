@@ -10,7 +10,6 @@ without static graphs ``captured`` runs the compiled encoder (the row says graph
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
@@ -33,15 +32,18 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def add_parser(sub: Any) -> None:
     s = sub.add_parser("mm-encoder", help="vision encoder: attention backends x eager/compiled/captured")
-    s.add_argument("--shape", choices=["tiny", "qwen2-vl-2b"], default="tiny")
+    s.add_argument("--shape", choices=["tiny", "qwen2-vl-2b"], default="tiny",
+                   help="random encoder: the tests' tiny one, or Qwen2-VL-2B's vision tower shape")
     s.add_argument("--image-sizes", default="224x224,448x448,644x476",
                    help="comma-separated HxW in pixels (resized like the Qwen2-VL processor)")
-    s.add_argument("--backends", default=",".join(sorted(ENCODER_ATTENTION_BACKENDS)))
-    s.add_argument("--modes", default=",".join(MODES))
+    s.add_argument("--backends", default=",".join(sorted(ENCODER_ATTENTION_BACKENDS)),
+                   help="comma-separated encoder attention backends (default: all)")
+    s.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated: eager, compiled (torch.compile), captured (a static graph per patch budget)")
     s.add_argument("--dtype", default="auto", help="auto = bfloat16 where static graphs exist, else float32")
     s.add_argument("--compile-backend", default=None, help="Dynamo backend (default: the platform's)")
-    s.add_argument("--iters", type=int, default=10)
-    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--iters", type=int, default=10, help="timed runs per image size")
+    s.add_argument("--warmup", type=int, default=3, help="untimed runs first")
     s.add_argument("--json", default=None, help="write results to this file")
 
 
@@ -122,13 +124,7 @@ def bench_mm_encoder(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main_mm_encoder(args: argparse.Namespace, print_table: Callable[[list[dict[str, Any]]], None]) -> int:
-    rows = bench_mm_encoder(args)
-    header = {"command": "mm-encoder", "shape": args.shape, "dtype": args.dtype,
-              "device": current_platform.device_name(), "torch": torch.__version__}
-    print(json.dumps(header))
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**header, "results": rows}, f, indent=2)
+def main_mm_encoder(args: argparse.Namespace,
+                    report: Callable[[dict[str, Any], list[dict[str, Any]], str | None], None]) -> int:
+    report({"command": "mm-encoder", "shape": args.shape, "dtype": args.dtype}, bench_mm_encoder(args), args.json)
     return 0

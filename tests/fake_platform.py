@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -228,3 +230,17 @@ def main() -> None:
 
 if __name__ == "__main__":
     raise SystemExit("import this module and call main() (see tests/test_fake_platform.py)")
+
+
+def run_with_fake_platform(code: str) -> Any:
+    """Run ``code`` in a fresh process whose platform is FakePlatform; the JSON its last stdout line
+    holds. ``runtime.platforms`` is imported first: it loads this module as the platform plugin."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, GRAPHMODE_PLATFORM="fake_platform:FakePlatform",
+               PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]))
+    env.pop("GRAPHMODE_OP_KERNELS", None)
+    env.pop("GRAPHMODE_ATTENTION_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", f"import runtime.platforms; {code}"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

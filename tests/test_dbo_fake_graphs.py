@@ -6,8 +6,6 @@ micro-batches never share buffers) and the greedy tokens equal DBO off, piecewis
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -56,14 +54,9 @@ def main() -> None:
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = dict(os.environ, GRAPHMODE_PLATFORM="fake_platform:FakePlatform",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    env.pop("GRAPHMODE_OP_KERNELS", None)
-    env.pop("GRAPHMODE_ATTENTION_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", "import runtime.platforms, test_dbo_fake_graphs as t; t.main()"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from tests.fake_platform import run_with_fake_platform
+
+    return run_with_fake_platform("import test_dbo_fake_graphs as t; t.main()")
 
 
 @pytest.mark.parametrize("mode", list(MODES))

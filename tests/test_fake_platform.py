@@ -7,11 +7,7 @@ replays recorded work, so greedy tokens through its graphs must equal the eager 
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,15 +19,9 @@ FUSED_OPS = ["graphmode::rms_norm", "graphmode::fused_add_rms_norm", "graphmode:
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = dict(os.environ, GRAPHMODE_PLATFORM="fake_platform:FakePlatform",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    env.pop("GRAPHMODE_OP_KERNELS", None)
-    env.pop("GRAPHMODE_ATTENTION_BACKEND", None)
-    # runtime.platforms first: it loads fake_platform as the platform plugin, main() then reads its records.
-    proc = subprocess.run([sys.executable, "-c", "import runtime.platforms, fake_platform; fake_platform.main()"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from tests.fake_platform import run_with_fake_platform
+
+    return run_with_fake_platform("import fake_platform; fake_platform.main()")
 
 
 def test_the_plugin_platform_is_current(report):
