@@ -47,15 +47,17 @@ class MultimodalStep:
 class StepBuffers:
     """Persistent per-step inputs the runner fills in place (runtime/multimodal.py): static graphs
     read them at fixed addresses, and every step, decode included, runs the same merge."""
-    mrope_flat: torch.Tensor  # [3 * max_tokens] int64, read through mrope_positions(n)
+    mrope_by_token: torch.Tensor  # [max_tokens, 3] int64, read through mrope_positions(n)
     is_image: torch.Tensor  # [max_tokens] bool
     image_embeds: torch.Tensor  # [max_tokens, hidden]
     inputs_embeds: torch.Tensor  # [max_tokens, hidden]: the decoder's input
 
     def mrope_positions(self, num_tokens: int) -> torch.Tensor:
-        """[3, num_tokens] positions, contiguous. A column slice of a [3, max_tokens] buffer would
-        keep max_tokens as its row stride, and Inductor's code asserts the strides it traced with."""
-        return self.mrope_flat[: 3 * num_tokens].view(3, num_tokens)
+        """[3, num_tokens] positions with strides (1, 3) whatever ``num_tokens`` is: token t's three
+        positions sit at the same address for every step size, so a graph captured at a padded size
+        reads what a step with fewer tokens wrote. (A column slice of a [3, max_tokens] buffer would
+        have max_tokens as row stride only when not sliced; Inductor asserts the strides it traced.)"""
+        return self.mrope_by_token[:num_tokens].t()
 
 
 def mrope_section(text_config: Any) -> list[int]:
@@ -137,7 +139,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         device, hidden = self.lm_head.weight.device, self.lm_head.in_features
         dtype = self.model.language_model.embed_tokens.weight.dtype
         self.step_buffers = StepBuffers(
-            torch.zeros(3 * max_tokens, dtype=torch.int64, device=device),
+            torch.zeros(max_tokens, 3, dtype=torch.int64, device=device),
             torch.zeros(max_tokens, dtype=torch.bool, device=device),
             torch.zeros(max_tokens, hidden, dtype=dtype, device=device),
             torch.zeros(max_tokens, hidden, dtype=dtype, device=device))
