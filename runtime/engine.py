@@ -80,7 +80,8 @@ def make_runner(config: EngineConfig, loaded: LoadedModel, max_model_len: int) -
         loaded.model, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=max_model_len, block_size=config.block_size, dtype=loaded.dtype,
         device=loaded.device, vocab_size=loaded.config.vocab_size,
-        compilation_config=config.compilation_config, dbo=config.dbo_thresholds())
+        compilation_config=config.compilation_config, dbo=config.dbo_thresholds(),
+        collectives=config.tensor_parallel_size > 1)
 
 
 def prepare_runner(runner: ModelRunner, num_blocks: int) -> None:

@@ -28,9 +28,12 @@ class GraphDriver:
         self.dispatcher = GraphDispatcher(config, max_tokens, current_platform.supports_static_graphs)
         self.runtime = (GraphRuntime(current_platform, current_platform.graph_pool_handle(), debug=config.debug)
                         if self.dispatcher.enabled else None)
-        # One runtime per micro-batch slot, all in the same pool: each carries its slot and its own
-        # per-step mode (the two micro-batches of a step may run different modes).
-        self.ubatch_runtimes = ([GraphRuntime(current_platform, self.runtime.pool, debug=config.debug, ubatch=i)
+        # One runtime per micro-batch slot, each carrying its slot and its own per-step mode (the two
+        # micro-batches of a step may run different modes), and each with its own memory pool: graphs
+        # captured into one pool reuse each other's intermediate memory, which is safe only for
+        # graphs that never run at the same time, and the two slots' streams run concurrently.
+        self.ubatch_runtimes = ([GraphRuntime(current_platform, current_platform.graph_pool_handle(),
+                                              debug=config.debug, ubatch=i)
                                  for i in range(num_ubatches)] if self.runtime is not None else [])
         # A full graph pads the batch to one sequence per token, so it is bounded by the sequence buffers.
         self.full_sizes = [s for s in self.dispatcher.sizes if s <= max_seqs] if self.dispatcher.full else []

@@ -18,8 +18,8 @@ from runtime.graph_driver import GraphDriver
 from runtime.platforms import current_platform
 from runtime.sampler import Sampler, SamplingBatch
 from runtime.scheduler import ScheduledRequest, SchedulerOutput
-from runtime.ubatch_split import DBOThresholds, UBatchSlice, plan_ubatches, slice_lens
-from runtime.ubatching import NUM_UBATCHES, UBatchThreads, YieldPoint
+from runtime.ubatch_split import DBOThresholds, UBatchSlice, cuts_a_request, plan_ubatches, slice_lens
+from runtime.ubatching import NUM_UBATCHES, UBatchThreads, YieldPoint, run_in_turn
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,11 @@ class InputBuffers:
 class ModelRunner:
     def __init__(self, model: nn.Module, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  block_size: int, dtype: torch.dtype, device: torch.device, vocab_size: int,
-                 compilation_config: CompilationConfig | None = None, dbo: DBOThresholds | None = None) -> None:
+                 compilation_config: CompilationConfig | None = None, dbo: DBOThresholds | None = None,
+                 collectives: bool = False) -> None:
+        """``collectives``: the forward communicates (tensor/expert parallelism), so DBO runs its
+        micro-batches on two threads that take turns around each collective; without any, they run
+        one after the other on this thread (their streams still overlap on the device)."""
         self.model, self.dtype, self.device = model, dtype, device
         self.block_size, self.max_model_len = block_size, max_model_len
         self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_batched_tokens
@@ -83,8 +87,9 @@ class ModelRunner:
         self.dbo = dbo
         self.ubatch_buffers = ([InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
                                 for _ in range(NUM_UBATCHES)] if dbo is not None else [])
-        self.ubatch_threads = (UBatchThreads(NUM_UBATCHES, [current_platform.new_stream() for _ in self.ubatch_buffers],
-                                             torch.inference_mode) if dbo is not None else None)
+        self.ubatch_streams = [current_platform.new_stream() for _ in self.ubatch_buffers]
+        self.ubatch_threads = (UBatchThreads(NUM_UBATCHES, self.ubatch_streams, torch.inference_mode)
+                               if dbo is not None and collectives else None)
         self.dbo_steps = 0  # steps run as two micro-batches
         self.last_dbo_trace: list[YieldPoint] = []  # yield points of the last split step, in order
 
@@ -221,8 +226,9 @@ class ModelRunner:
         return hidden, md.query_start_loc[1:].long() - 1
 
     def _forward_dbo(self, host: HostStep, split: list[UBatchSlice]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two micro-batches on two threads, overlapping at every collective; hidden rows joined back
-        in the step's token order (micro-batch 0 holds the first half of the flat tokens)."""
+        """Two micro-batches, each on its own stream (and, with collectives, its own thread, the two
+        taking turns at every collective); hidden rows joined back in the step's token order
+        (micro-batch 0 holds the first half of the flat tokens)."""
         steps = []
         for i, part in enumerate(split):
             sub = host.part(part)
@@ -235,7 +241,12 @@ class ModelRunner:
                 return self.graphs.run(dispatch, buf.input_ids[:padded], buf.positions[:padded])[:n]
 
         trace: list[YieldPoint] = []
-        parts = self.ubatch_threads.run([lambda step=step: micro_batch(*step) for step in steps], trace)
+        fns = [lambda step=step: micro_batch(*step) for step in steps]
+        ordered = cuts_a_request(split)
+        if self.ubatch_threads is not None:
+            parts = self.ubatch_threads.run(fns, trace, ordered=ordered)
+        else:
+            parts = run_in_turn(fns, self.ubatch_streams, ordered=ordered)
         self.dbo_steps += 1
         self.last_dbo_trace = trace
         ends = torch.tensor(host.query_lens).cumsum(0) - 1

@@ -55,6 +55,12 @@ def plan_ubatches(query_lens: list[int], thresholds: DBOThresholds) -> list[UBat
     return [first, second]
 
 
+def cuts_a_request(split: list[UBatchSlice]) -> bool:
+    """Whether a request straddles the cut: then micro-batch 1 attends to KV micro-batch 0 writes in
+    the same step, so their device work must run in order (decode-only splits never cut)."""
+    return split[0].rows.stop > split[1].rows.start
+
+
 def slice_lens(query_lens: list[int], seq_lens: list[int], part: UBatchSlice) -> tuple[list[int], list[int]]:
     """Query and KV lengths of ``part``'s requests: a cut request's KV ends where its part ends."""
     starts = [0]

@@ -7,16 +7,23 @@ launch and wait, so the sibling's compute overlaps this micro-batch's communicat
 
 Only one micro-batch thread runs Python at a time (a turn passed back and forth), so the model,
 the counters and the graph runners see strictly sequential calls. On a device with streams each
-micro-batch issues its work on its own stream, and every hand-off orders the two streams with an
-event: compute stays serialised in the order the threads ran it (the second micro-batch may read
-KV the first one wrote, e.g. a prefill cut in two), while a launched collective runs on the
-communication library's own stream, overlapping the sibling's compute. Without streams (CPU), the
-async work handles of the communication library (gloo) give the overlap.
+micro-batch issues its work on its own stream, starting after the caller's stream, which joins
+both at the end. The two streams are otherwise independent, so the device runs the micro-batches'
+kernels concurrently (one's compute fills what the other's leaves idle) unless the step is
+``ordered``: when micro-batch 1 reads what micro-batch 0 writes in the same step (a prefill cut in
+two attends to the KV its first part wrote), every hand-off orders the streams with an event and
+compute stays serialised in the order the threads ran it. A launched collective runs on the
+communication library's own stream either way. Without streams (CPU), the async work handles of
+the communication library (gloo) give the overlap.
+
+With no collective in the forward (one device) there is nothing to yield at: :func:`run_in_turn`
+runs the micro-batches one after the other on the calling thread, same streams, no thread hand-off.
 
 Static graphs: a collective captured inside a graph replays without yielding (replay is one launch).
-Each micro-batch slot replays its own graphs (compiler/graphs.py keys them by slot), so overlap
-with graphs needs the collectives outside them: eager, or piecewise with the collective ops among
-``splitting_ops``; a full graph of a micro-batch runs its collectives inside, in order.
+Each micro-batch slot replays its own graphs from its own memory pool (runtime/graph_driver.py), so
+the two slots' graphs may run at the same time; overlap of collectives with graphs needs the
+collectives outside them: eager, or piecewise with the collective ops among ``splitting_ops``; a
+full graph of a micro-batch runs its collectives inside, in order.
 """
 from __future__ import annotations
 
@@ -77,6 +84,7 @@ class UBatchContext:
     stream: Any
     event: Any
     trace: list[YieldPoint] | None
+    ordered: bool = True  # streams follow each other at hand-offs (see the module docstring)
 
     def yield_to_sibling(self) -> None:
         """Let the sibling run until it yields back (continue at once if it has finished)."""
@@ -92,6 +100,8 @@ class UBatchContext:
         self.turn.last = self
 
     def follow_sibling(self) -> None:
+        if not self.ordered:
+            return
         other = self.turn.last
         if other is not None and other is not self and other.event is not None and self.stream is not None:
             self.stream.wait_event(other.event)
@@ -187,42 +197,84 @@ class UBatchThreads:
     def close(self) -> None:
         self._finalizer()
 
-    def run(self, fns: Sequence[Callable[[], Any]], trace: list[YieldPoint] | None = None) -> list[Any]:
+    def run(self, fns: Sequence[Callable[[], Any]], trace: list[YieldPoint] | None = None, *,
+            ordered: bool = True) -> list[Any]:
         """Run ``fns[i]`` as micro-batch ``i``; micro-batch 0 starts, the others follow at its first
         yield. Returns their results in order; re-raises the first failure. The micro-batch streams
-        start after the caller's stream, and the caller's stream continues after all of them."""
+        start after the caller's stream, and the caller's stream continues after all of them;
+        ``ordered`` also orders them at every hand-off."""
         if len(fns) != self.num:
             raise ValueError(f"expected {self.num} micro-batch functions, got {len(fns)}")
-        platform = current_platform
+        fork = _StreamFork(self.streams)
         turn = _Turn(self.num)
-        contexts = [UBatchContext(i, turn, stream, platform.new_event() if stream is not None else None, trace)
-                    for i, stream in enumerate(self.streams)]
-        caller_stream = platform.current_stream() if any(s is not None for s in self.streams) else None
-        start_event = None
-        if caller_stream is not None:
-            start_event = platform.new_event()
-            start_event.record(caller_stream)
+        contexts = [UBatchContext(i, turn, stream, current_platform.new_event() if stream is not None else None,
+                                  trace, ordered) for i, stream in enumerate(self.streams)]
         for ctx, fn in zip(contexts, fns):
-            self._jobs[ctx.ubatch].put((ctx, fn, start_event))
+            self._jobs[ctx.ubatch].put((ctx, fn, fork.start))
         results: list[Any] = [None] * self.num
         errors: list[BaseException | None] = [None] * self.num
         for _ in range(self.num):
             ubatch, results[ubatch], errors[ubatch] = self._done.get()
-        if caller_stream is not None:
-            for ctx in contexts:
-                if ctx.event is not None:
-                    caller_stream.wait_event(ctx.event)
+        fork.join([ctx.event for ctx in contexts])
         for i, e in enumerate(errors):
             if e is not None:
                 raise UBatchError(f"micro-batch {i} failed: {type(e).__name__}: {e}") from e
         return results
 
 
+class _StreamFork:
+    """The caller's stream forks into the micro-batch streams (each starts after what the caller
+    queued, e.g. the copies of its inputs) and joins them back before anything reads the outputs."""
+
+    def __init__(self, streams: Sequence[Any]) -> None:
+        self.caller = current_platform.current_stream() if any(s is not None for s in streams) else None
+        self.start = None
+        if self.caller is not None:
+            self.start = current_platform.new_event()
+            self.start.record(self.caller)
+
+    def join(self, events: Sequence[Any]) -> None:
+        if self.caller is not None:
+            for event in events:
+                if event is not None:
+                    self.caller.wait_event(event)
+
+
+def run_in_turn(fns: Sequence[Callable[[], Any]], streams: Sequence[Any] | None = None, *,
+                ordered: bool = True) -> list[Any]:
+    """Micro-batches one after the other on the calling thread, each on its own stream: a step with
+    no collective to overlap has no yield point, so threads would add only hand-offs. Unless
+    ``ordered``, the device still runs the two streams' work concurrently."""
+    streams = list(streams) if streams is not None else [None] * len(fns)
+    fork = _StreamFork(streams)
+    results: list[Any] = []
+    events: list[Any] = []
+    try:
+        for i, (fn, stream) in enumerate(zip(fns, streams)):
+            event = current_platform.new_event() if stream is not None else None
+            with current_platform.stream_context(stream):
+                if stream is not None:
+                    stream.wait_event(fork.start)
+                    if ordered and events:
+                        stream.wait_event(events[-1])
+                try:
+                    results.append(fn())
+                except Exception as e:
+                    raise UBatchError(f"micro-batch {i} failed: {type(e).__name__}: {e}") from e
+                if event is not None:
+                    event.record(stream)
+            events.append(event)
+    finally:
+        fork.join(events)
+    return results
+
+
 def run_ubatches(fns: Sequence[Callable[[], Any]], *, streams: Sequence[Any] | None = None,
-                 trace: list[YieldPoint] | None = None, thread_setup: Callable[[], Any] | None = None) -> list[Any]:
+                 trace: list[YieldPoint] | None = None, thread_setup: Callable[[], Any] | None = None,
+                 ordered: bool = True) -> list[Any]:
     """One DBO step on fresh threads (tests, one-off use); see :class:`UBatchThreads`."""
     threads = UBatchThreads(len(fns), streams, thread_setup)
     try:
-        return threads.run(fns, trace)
+        return threads.run(fns, trace, ordered=ordered)
     finally:
         threads.close()

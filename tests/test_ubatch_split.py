@@ -7,7 +7,7 @@ from compiler.dispatcher import BatchDescriptor, GraphDispatcher
 from runtime.attention import torch_backend
 from runtime.attention.metadata import AttentionMetadata
 from runtime.config import EngineConfig
-from runtime.ubatch_split import DBOThresholds, UBatchSlice, plan_ubatches, slice_lens
+from runtime.ubatch_split import DBOThresholds, UBatchSlice, cuts_a_request, plan_ubatches, slice_lens
 
 T = DBOThresholds(decode_tokens=4, prefill_tokens=16)
 
@@ -41,12 +41,16 @@ def test_one_long_prefill_is_cut_in_the_middle():
     # With 20 tokens already cached, the first part's KV ends at its last query token.
     assert slice_lens([100], [120], split[0]) == ([50], [70])
     assert slice_lens([100], [120], split[1]) == ([50], [120])
+    assert cuts_a_request(split)  # micro-batch 1 reads the KV micro-batch 0 writes: run in order
+    assert cuts_a_request(plan_ubatches([1, 1, 14], T))
 
 
 def test_cut_on_a_request_boundary_shares_no_request():
     split = plan_ubatches([8, 8], T)
     assert [list(p.rows) for p in split] == [[0], [1]]
     assert slice_lens([8, 8], [8, 30], split[1]) == ([8], [30])
+    assert not cuts_a_request(split)  # independent requests: the micro-batches may run concurrently
+    assert not cuts_a_request(plan_ubatches([1] * 5, T))
 
 
 def test_thresholds_are_validated():

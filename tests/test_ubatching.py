@@ -9,7 +9,9 @@ import torch.multiprocessing as mp
 
 from compiler.graphs import GraphRuntime, StaticGraphRunner
 from runtime.forward_context import current_forward_context, get_forward_context, set_forward_context
-from runtime.ubatching import UBatchError, YieldPoint, current_ubatch_id, run_collective, run_ubatches
+from runtime import ubatching
+from runtime.ubatching import (UBatchError, YieldPoint, current_ubatch_id, run_collective, run_in_turn,
+                               run_ubatches)
 
 
 class _Handle:
@@ -88,6 +90,15 @@ def test_a_failing_micro_batch_is_reported_and_its_sibling_finishes():
     assert done == [None]
 
 
+def test_in_turn_micro_batches_report_a_failure_by_micro_batch():
+    def bad():
+        raise ValueError("boom")
+
+    assert run_in_turn([lambda: 1, lambda: 2]) == [1, 2]
+    with pytest.raises(UBatchError, match="micro-batch 1 failed: ValueError: boom"):
+        run_in_turn([lambda: 1, bad])
+
+
 def test_forward_context_is_per_thread_and_per_micro_batch():
     seen = []
 
@@ -106,6 +117,68 @@ def test_forward_context_is_per_thread_and_per_micro_batch():
     t.start()
     t.join()
     assert seen[-1] is None
+
+
+class _Event:
+    def __init__(self, log, n):
+        self.name, self.log = f"e{n}", log
+
+    def record(self, stream):
+        self.log.append((stream.name, "record", self.name))
+
+
+class _Stream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_event(self, event):
+        self.log.append((self.name, "waits", event.name))
+
+
+class _StreamPlatform:
+    """Streams and events that log what orders what (the device's view of a DBO step)."""
+
+    def __init__(self):
+        self.log, self.events = [], 0
+        self.caller = _Stream("caller", self.log)
+
+    def new_event(self):
+        self.events += 1
+        return _Event(self.log, self.events)
+
+    def current_stream(self):
+        return self.caller
+
+    def stream_context(self, stream):
+        return contextlib.nullcontext()
+
+
+def _waits(log, stream):
+    return [event for name, what, event in log if name == stream and what == "waits"]
+
+
+@pytest.mark.parametrize("runner", ["threads", "in_turn"])
+@pytest.mark.parametrize("ordered", [False, True])
+def test_micro_batch_streams_follow_the_caller_and_each_other_only_when_ordered(monkeypatch, runner, ordered):
+    platform = _StreamPlatform()
+    monkeypatch.setattr(ubatching, "current_platform", platform)
+    streams = [_Stream("s0", platform.log), _Stream("s1", platform.log)]
+    fns = [lambda: run_collective("c", lambda: None) or "a", lambda: run_collective("c", lambda: None) or "b"]
+    if runner == "threads":
+        assert run_ubatches(fns, streams=streams, ordered=ordered) == ["a", "b"]
+    else:
+        assert run_in_turn(fns, streams, ordered=ordered) == ["a", "b"]
+    start = platform.log[0]
+    assert start[:2] == ("caller", "record")
+    recorded = {stream: [e for name, what, e in platform.log if name == stream and what == "record"]
+                for stream in ("s0", "s1")}
+    # Both start after the caller's queued work; the caller joins both streams' last records.
+    assert _waits(platform.log, "s0")[0] == start[2] and _waits(platform.log, "s1")[0] == start[2]
+    assert set(_waits(platform.log, "caller")) == {recorded["s0"][-1], recorded["s1"][-1]}
+    # Micro-batch 1 follows micro-batch 0's stream only when ordered (a request cut in two).
+    assert (set(_waits(platform.log, "s1")[1:]) & set(recorded["s0"]) != set()) == ordered
+    if not ordered:
+        assert _waits(platform.log, "s0") == [start[2]] and _waits(platform.log, "s1") == [start[2]]
 
 
 class _FakeGraph:
