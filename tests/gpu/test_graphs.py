@@ -52,11 +52,13 @@ def results(smollm2_path):
         captured = counters.graphs_captured
         prompts, params = _workload(llm.tokenizer)
         natural = [llm.tokenizer.encode(p) for p in NATURAL]
-        natural_params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)] * len(natural)
+        natural_params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=5)] * len(natural)
         outs = llm.generate(prompts + natural, params + natural_params, use_tqdm=False)
         tokens = [o.outputs[0].token_ids for o in outs[:len(prompts)]]
         natural_tokens = [o.outputs[0].token_ids for o in outs[len(prompts):]]
-        out[name] = dict(tokens=tokens, natural=natural_tokens, captured=captured, replays=counters.graph_replays,
+        natural_logprobs = [o.outputs[0].logprobs for o in outs[len(prompts):]]
+        out[name] = dict(tokens=tokens, natural=natural_tokens, natural_logprobs=natural_logprobs,
+                         captured=captured, replays=counters.graph_replays,
                          pass_matches=sum(counters.pass_matches.values()),
                          pieces=counters.piecewise_graphs, free=llm.engine.kv_cache.num_used_blocks == 0)
         del llm, loaded
@@ -90,14 +92,39 @@ def _diverging(a: list[list[int]], b: list[list[int]]) -> list[tuple[int, int]]:
     return out
 
 
+# Two greedy choices whose bf16 log-probs are closer than this are a tie to bf16: logits of
+# magnitude 10-20 have a bf16 spacing of 0.06-0.12, so a fused kernel's different (not worse)
+# rounding may pick either one.
+NEAR_TIE_NATS = 0.1
+
+
+def _divergence_gaps(tokens, reference, reference_logprobs):
+    """(sequence, position, gap) where ``tokens`` first leaves ``reference``: gap is how much more
+    likely the reference found its own token than the other one (inf: not in its top 5)."""
+    gaps = []
+    for seq, pos in _diverging(tokens, reference):
+        if pos >= min(len(tokens[seq]), len(reference[seq])):
+            gaps.append((seq, pos, float("inf")))
+            continue
+        own, top = reference_logprobs[seq][pos]
+        other = dict(top or []).get(tokens[seq][pos])
+        gaps.append((seq, pos, float("inf") if other is None else own - other))
+    return gaps
+
+
 def test_fusion_passes_keep_bf16_greedy_tokens(results):
+    """Fused kernels round where the unfused ops round, but sum a row's squares in another order:
+    natural prompts keep their greedy tokens unless the unfused model itself stood at a bf16 tie
+    (then the rest of that sequence is a different, equally likely continuation)."""
     assert results["compiled_no_passes"]["pass_matches"] == 0
     assert results["compiled_passes"]["pass_matches"] > 0
     reference = results["none"]
-    for mode in ("compiled_no_passes", "compiled_passes", "default_piecewise"):
-        assert results[mode]["natural"] == reference["natural"], mode
-        # Random-token prompts put near-ties in bf16 logits; a fused kernel's different summation
-        # order may flip one. Reported (for docs/perf.md), not asserted.
-        print(f"{mode}: random prompts diverging from eager (sequence, position): "
-              f"{_diverging(results[mode]['tokens'], reference['tokens'])}")
+    # Same kernels, only compiled: bit-identical.
+    assert results["compiled_no_passes"]["natural"] == reference["natural"]
     assert results["compiled_no_passes"]["tokens"] == reference["tokens"]
+    for mode in ("compiled_passes", "default_piecewise"):
+        gaps = _divergence_gaps(results[mode]["natural"], reference["natural"], reference["natural_logprobs"])
+        print(f"{mode}: natural prompts diverging from eager (sequence, position, log-prob gap): {gaps}; "
+              f"random prompts (sequence, position): {_diverging(results[mode]['tokens'], reference['tokens'])}")
+        assert all(gap < NEAR_TIE_NATS for _, _, gap in gaps), (mode, gaps)
+        assert len(gaps) <= len(NATURAL) // 4, (mode, gaps)  # a tie is rare, not the rule
