@@ -33,6 +33,10 @@ class GraphRuntime:
     # DBO micro-batch slot this runtime serves (None: whole steps). Each slot has its own graphs:
     # the two micro-batches of a step may have the same size and must not share output buffers.
     ubatch: int | None = None
+    # Stream to capture on (None: the platform's). A DBO slot captures on the stream it replays on:
+    # libraries keep per-stream workspaces (cuBLAS), and a graph bakes in the one of its capture
+    # stream, so two slots captured on one stream would share it while replaying concurrently.
+    capture_stream: Any = None
     capture_seconds: float = 0.0
     pool_bytes: int = 0
 
@@ -74,7 +78,7 @@ class StaticGraphRunner:
         graph = platform.new_graph()
         start, before = time.perf_counter(), platform.memory_allocated()
         try:
-            with platform.graph_capture(graph, runtime.pool):
+            with platform.graph_capture(graph, runtime.pool, runtime.capture_stream):
                 output = self.fn(*args)
         except Exception as e:  # noqa: BLE001 - an uncapturable op degrades this runner, never crashes
             logger.warning("static graph %s could not be captured at size %d (%s: %s); running it without graphs",

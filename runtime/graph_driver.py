@@ -6,7 +6,7 @@ Piecewise graphs live inside the compiled pieces (compiler/piecewise.py) and onl
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -22,19 +22,21 @@ logger = logging.getLogger(__name__)
 
 class GraphDriver:
     def __init__(self, model: nn.Module, config: CompilationConfig, max_tokens: int, max_seqs: int,
-                 num_ubatches: int = 0) -> None:
-        """``num_ubatches`` > 0 (DBO): also capture graphs per micro-batch slot and size."""
+                 ubatch_streams: Sequence[Any] = ()) -> None:
+        """``ubatch_streams`` (DBO): one stream per micro-batch slot, whose graphs are captured per
+        size and replayed on that stream."""
         self.model = model
         self.dispatcher = GraphDispatcher(config, max_tokens, current_platform.supports_static_graphs)
         self.runtime = (GraphRuntime(current_platform, current_platform.graph_pool_handle(), debug=config.debug)
                         if self.dispatcher.enabled else None)
         # One runtime per micro-batch slot, each carrying its slot and its own per-step mode (the two
-        # micro-batches of a step may run different modes), and each with its own memory pool: graphs
-        # captured into one pool reuse each other's intermediate memory, which is safe only for
-        # graphs that never run at the same time, and the two slots' streams run concurrently.
+        # micro-batches of a step may run different modes). The two slots' streams run concurrently,
+        # so nothing a graph writes may be shared between slots: each has its own memory pool (graphs
+        # of one pool reuse each other's intermediates) and captures on its own stream (see
+        # GraphRuntime.capture_stream).
         self.ubatch_runtimes = ([GraphRuntime(current_platform, current_platform.graph_pool_handle(),
-                                              debug=config.debug, ubatch=i)
-                                 for i in range(num_ubatches)] if self.runtime is not None else [])
+                                              debug=config.debug, ubatch=i, capture_stream=stream)
+                                 for i, stream in enumerate(ubatch_streams)] if self.runtime is not None else [])
         # A full graph pads the batch to one sequence per token, so it is bounded by the sequence buffers.
         self.full_sizes = [s for s in self.dispatcher.sizes if s <= max_seqs] if self.dispatcher.full else []
         self.full = StaticGraphRunner(self._forward, "full", frozenset(self.full_sizes)) if self.full_sizes else None

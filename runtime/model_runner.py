@@ -80,14 +80,14 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.multimodal = None  # runtime.multimodal.MultimodalRunner, set by attach_multimodal for vision models
-        self.graphs = GraphDriver(model, compilation_config or CompilationConfig(), max_num_batched_tokens,
-                                  max_num_seqs, NUM_UBATCHES if dbo is not None else 0)
         # DBO: each micro-batch slot has its own persistent buffers (graph inputs keep their addresses
-        # whatever the split) and its own stream (None where the platform has none).
+        # whatever the split), its own stream (None where the platform has none) and its own graphs.
         self.dbo = dbo
         self.ubatch_buffers = ([InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
                                 for _ in range(NUM_UBATCHES)] if dbo is not None else [])
         self.ubatch_streams = [current_platform.new_stream() for _ in self.ubatch_buffers]
+        self.graphs = GraphDriver(model, compilation_config or CompilationConfig(), max_num_batched_tokens,
+                                  max_num_seqs, self.ubatch_streams)
         self.ubatch_threads = (UBatchThreads(NUM_UBATCHES, self.ubatch_streams, torch.inference_mode)
                                if dbo is not None and collectives else None)
         self.dbo_steps = 0  # steps run as two micro-batches

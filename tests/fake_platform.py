@@ -32,6 +32,7 @@ from runtime.platforms.base import MemoryInfo, Platform
 CALLS: Counter[str] = Counter()  # what the platform was asked for (read by main())
 POOLS_MADE: list["FakePool"] = []  # every pool handle the platform gave out (kept alive: ids stay unique)
 POOLS_USED: list["FakePool"] = []  # the pool each capture received
+CAPTURE_STREAMS: list[Any] = []  # the stream each capture was asked to run on (None: the platform's)
 STREAMS_ENTERED: list[int] = []  # id() of each stream made current
 
 
@@ -148,9 +149,10 @@ class FakePlatform(Platform):
         return POOLS_MADE[-1]
 
     @contextlib.contextmanager
-    def graph_capture(self, graph: FakeGraph, pool: Any) -> Iterator[None]:
+    def graph_capture(self, graph: FakeGraph, pool: Any, stream: Any = None) -> Iterator[None]:
         CALLS["graph_capture"] += 1
         POOLS_USED.append(pool)
+        CAPTURE_STREAMS.append(stream)
         with _Recorder(graph.ops):
             yield
 

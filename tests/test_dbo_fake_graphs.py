@@ -25,7 +25,7 @@ MODES = {
 def main() -> None:
     """Runs in the fake-platform process: tokens and graph counts per (mode, dbo), as JSON."""
     from compiler import CompilationConfig, counters
-    from fake_platform import CALLS
+    from fake_platform import CALLS, CAPTURE_STREAMS, POOLS_USED
     from models.loader import load_model
     from models.testing import write_tiny_checkpoint
     from runtime.engine import LLM
@@ -40,15 +40,24 @@ def main() -> None:
             for dbo in (False, True):
                 counters.reset()
                 CALLS.clear()
+                CAPTURE_STREAMS.clear()
+                POOLS_USED.clear()
                 loaded = load_model(path, dtype="float32", device="cpu", compilation_config=CompilationConfig(**cfg))
                 llm = LLM.from_loaded(loaded, max_num_seqs=16, max_model_len=128, num_kv_blocks=128,
                                       max_num_batched_tokens=32, enable_dbo=dbo, dbo_decode_token_threshold=4,
                                       dbo_prefill_token_threshold=8)
                 captured = counters.graphs_captured
+                runner = llm.engine.runner
+                # Per capture: (its pool, its stream) as indices of the runner's pools / slot streams.
+                pools = [runner.graphs.runtime.pool, *(rt.pool for rt in runner.graphs.ubatch_runtimes)]
+                streams = [None, *runner.ubatch_streams]
+                placement = sorted({(next(i for i, p in enumerate(pools) if p is pool),
+                                     next(i for i, s in enumerate(streams) if s is stream))
+                                    for pool, stream in zip(POOLS_USED, CAPTURE_STREAMS)})
                 tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
                 report[f"{name},{dbo}"] = dict(tokens=tokens, captured=captured, replays=counters.graph_replays,
                                                dbo_steps=llm.engine.runner.dbo_steps,
-                                               waits=CALLS["stream_wait_event"])
+                                               waits=CALLS["stream_wait_event"], placement=placement)
     json.dump(report, sys.stdout)
 
 
@@ -74,3 +83,7 @@ def test_each_micro_batch_slot_captures_and_replays_its_own_graphs(report, mode)
     # 32 tokens at most per step: a micro-batch holds up to 16, so both slots capture every size.
     assert off["captured"] > 0 and on["captured"] == 3 * off["captured"]
     assert on["replays"] > 0
+    # Whole-step graphs: the shared pool, the platform's capture stream. Slot i: its own pool,
+    # captured on its own stream (the slots replay concurrently; nothing they write is shared).
+    assert off["placement"] == [[0, 0]]
+    assert on["placement"] == [[0, 0], [1, 1], [2, 2]]

@@ -193,7 +193,7 @@ class _FakeGraphPlatform:
     def new_graph(self):
         return _FakeGraph()
 
-    def graph_capture(self, graph, pool):
+    def graph_capture(self, graph, pool, stream=None):
         return contextlib.nullcontext()
 
     def memory_allocated(self):

@@ -50,7 +50,8 @@ class Platform:
     def graph_pool_handle(self) -> Any:
         raise NotImplementedError(f"{self.name} has no static graphs")
 
-    def graph_capture(self, graph: Any, pool: Any) -> ContextManager[Any]:
+    def graph_capture(self, graph: Any, pool: Any, stream: Any = None) -> ContextManager[Any]:
+        """Capture into ``graph`` from ``pool`` on ``stream`` (None: the platform's capture stream)."""
         raise NotImplementedError(f"{self.name} has no static graphs")
 
     def memory_allocated(self) -> int:

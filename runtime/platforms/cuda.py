@@ -38,11 +38,11 @@ class CudaPlatform(Platform):
         return torch.cuda.graph_pool_handle()
 
     @contextlib.contextmanager
-    def graph_capture(self, graph: torch.cuda.CUDAGraph, pool: Any) -> Iterator[None]:
+    def graph_capture(self, graph: torch.cuda.CUDAGraph, pool: Any, stream: Any = None) -> Iterator[None]:
         # torch.cuda.graph() runs gc.collect() and empty_cache() at every capture; with hundreds of
         # piecewise captures that is most of the capture time, and the pool makes it unnecessary.
         with unittest.mock.patch("gc.collect", lambda *a, **k: 0), \
-                unittest.mock.patch("torch.cuda.empty_cache", lambda: None), torch.cuda.graph(graph, pool=pool):
+                unittest.mock.patch("torch.cuda.empty_cache", lambda: None), torch.cuda.graph(graph, pool=pool, stream=stream):
             yield
 
     def memory_allocated(self) -> int:

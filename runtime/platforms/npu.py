@@ -81,14 +81,14 @@ class NpuPlatform(Platform):
         return torch.npu.graph_pool_handle()
 
     @contextlib.contextmanager
-    def graph_capture(self, graph: AclGraph, pool: Any) -> Iterator[None]:
+    def graph_capture(self, graph: AclGraph, pool: Any, stream: Any = None) -> Iterator[None]:
         # torch.npu.graph(npu_graph, pool=...) runs gc.collect() and torch.npu.empty_cache() per
         # capture, like torch.cuda.graph; the shared pool makes both unnecessary (torch_npu 2.11).
         self._capture.graph = graph
         try:
             with unittest.mock.patch("gc.collect", lambda *a, **k: 0), \
                     unittest.mock.patch("torch.npu.empty_cache", lambda: None), \
-                    torch.npu.graph(graph.graph, pool=pool):
+                    torch.npu.graph(graph.graph, pool=pool, stream=stream):
                 yield
         finally:
             self._capture.graph = None
