@@ -103,16 +103,18 @@ def plan_kv_blocks(cfg: EngineConfig, runner: ModelRunner) -> int:
         info = current_platform.memory_info()
         budget = info.total_bytes * cfg.gpu_memory_utilization - (info.total_bytes - info.free_bytes) - peak
         blocks = int(budget) // per_block
+        # Memory in use counts every process on the device, as vLLM's gpu_memory_utilization does.
         how = (f"profiled: activation peak {peak / GiB:.2f} GiB, {cfg.gpu_memory_utilization:.0%} of "
-               f"{info.total_bytes / GiB:.1f} GiB")
+               f"{info.total_bytes / GiB:.1f} GiB, {(info.total_bytes - info.free_bytes) / GiB:.1f} GiB already "
+               f"in use on the device")
     else:
         avail = current_platform.memory_info().free_bytes
         blocks, how = int(min(_CPU_KV_CAP, avail * _CPU_KV_SHARE)) // per_block, "share of free host memory"
         # No point holding more than every sequence at full length.
         blocks = min(blocks, cfg.max_num_seqs * runner.max_blocks_per_seq)
     if blocks < 1:
-        raise RuntimeError(f"no memory left for the KV cache ({how}); lower max_num_batched_tokens or "
-                           "raise gpu_memory_utilization")
+        raise RuntimeError(f"no memory left for the KV cache ({how}); lower max_num_batched_tokens, raise "
+                           "gpu_memory_utilization or fix the size with kv_cache_memory_gb")
     logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %d tokens), %s", blocks, cfg.block_size,
                 blocks * per_block / GiB, blocks * cfg.block_size, how)
     return blocks

@@ -118,3 +118,25 @@ def test_bad_requests_raise_clear_errors(smollm2):
         SamplingParams(top_p=0.0)
     with pytest.raises(TypeError, match="unknown engine argument"):
         LLM.from_loaded(smollm2, max_num_seq=2)
+
+
+def test_kv_planning_on_a_full_device_names_what_holds_the_memory(monkeypatch):
+    """Memory other processes hold counts against gpu_memory_utilization: the error says how much
+    is in use and how to size the cache instead."""
+    from types import SimpleNamespace
+
+    import runtime.engine as engine
+    from runtime.config import EngineConfig
+    from runtime.platforms.base import MemoryInfo
+
+    GiB = 1 << 30
+    device = SimpleNamespace(supports_memory_profiling=True,
+                             memory_info=lambda: MemoryInfo(free_bytes=10 * GiB, total_bytes=140 * GiB))
+    monkeypatch.setattr(engine, "current_platform", device)
+    runner = SimpleNamespace(bytes_per_block=lambda: 1 << 20, profile_peak_bytes=lambda: GiB // 4)
+    config = EngineConfig(model="unused")
+    with pytest.raises(RuntimeError, match=r"130\.0 GiB already in use on the device.*kv_cache_memory_gb"):
+        engine.plan_kv_blocks(config, runner)
+    # The same device with room: 85 % of 140 GiB minus 30 GiB in use minus the 0.25 GiB peak.
+    device.memory_info = lambda: MemoryInfo(free_bytes=110 * GiB, total_bytes=140 * GiB)
+    assert engine.plan_kv_blocks(config, runner) == int(0.85 * 140 * 1024 - 30 * 1024 - 256)
