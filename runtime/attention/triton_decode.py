@@ -28,6 +28,20 @@ _NO_WINDOW = 1 << 30
 
 
 @triton.jit
+def online_softmax_step(acc, l_i, m_i, s, q, v_ptrs, v_mask, DOT_PRECISION: tl.constexpr):
+    """Fold one KV tile into the running (acc, l_i, m_i): ``s`` [M, N] are its scores in log2 units
+    (-inf where hidden), ``v_ptrs``/``v_mask`` address its values [N, D]; products run in q's dtype.
+    Shared by the decode and the prefill kernels."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     num_seqs, max_blocks, scale_log2, window,
@@ -79,13 +93,8 @@ def _decode_kernel(
         k = tl.load(kv_head + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(kv_head + stride_kv + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, q, kv_head + stride_kv + kv_off, kv_mask,
+                                            DOT_PRECISION)
 
     if NUM_SPLITS == 1:
         # l_i == 0 only for empty sequences, whose acc is 0: they come out as zeros.

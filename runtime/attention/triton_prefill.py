@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.attention.triton_decode import _LOG2E, _NO_WINDOW, dot_precision
+from runtime.attention.triton_decode import _LOG2E, _NO_WINDOW, dot_precision, online_softmax_step
 
 
 @triton.jit
@@ -36,13 +36,7 @@ def _attend_tile(acc, l_i, m_i, q, kv_head, bt_row, n0, kv_hi, q_pos, window, sc
         visible = (n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
                    & (pos[None, :] > q_pos[:, None] - window))
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(kv_head + stride_kv + kv_off, mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    return online_softmax_step(acc, l_i, m_i, s, q, kv_head + stride_kv + kv_off, kv_mask, DOT_PRECISION)
 
 
 @triton.jit
