@@ -171,8 +171,8 @@ class ModelRunner:
         slots: list[int] = []
         query_lens, seq_lens = [], []
         bs = self.block_size
-        tables = torch.zeros(len(scheduled), self.max_blocks_per_seq, dtype=torch.int32)
-        for row, item in enumerate(scheduled):
+        table_rows: list[list[int]] = []
+        for item in scheduled:
             req, start, end = item.request, item.start_pos, item.start_pos + item.num_new_tokens
             prompt_len = len(req.prompt_token_ids)
             if start >= prompt_len:
@@ -182,10 +182,20 @@ class ModelRunner:
             positions.extend(range(start, end))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            table_rows.append(blocks)
             query_lens.append(end - start)
             seq_lens.append(end)
-        return HostStep(ids, positions, slots, tables, query_lens, seq_lens)
+        return HostStep(ids, positions, slots, self._block_tables(table_rows), query_lens, seq_lens)
+
+    def _block_tables(self, rows: list[list[int]]) -> torch.Tensor:
+        """[len(rows), max_blocks_per_seq] int32, zero-padded: one tensor built from all rows at
+        once (a tensor per row costs more than the rest of a large decode step's host work)."""
+        lens = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        tables = torch.zeros(len(rows), self.max_blocks_per_seq, dtype=torch.int32)
+        # A boolean mask assigns in row-major order: each row's blocks, then the next row's.
+        tables[torch.arange(self.max_blocks_per_seq) < lens[:, None]] = torch.tensor(
+            [b for r in rows for b in r], dtype=torch.int32)
+        return tables
 
     def _fill(self, host: HostStep, buf: InputBuffers, ubatch: int | None = None) -> tuple[AttentionMetadata, Dispatch]:
         """Copy a step's (or micro-batch's) inputs into ``buf``; its metadata and graph dispatch."""

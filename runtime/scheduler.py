@@ -147,8 +147,7 @@ class Scheduler:
         # running request never has a prefill left that could need to wait here.
         # A prefill chunk leaves budget for the decodes behind it, so an older request's long
         # (re)prefill never starves the running decodes.
-        remaining_of = [r.num_tokens - r.num_computed_tokens for r in self._running]
-        decodes_after = [sum(1 for rem in remaining_of[j + 1:] if rem == 1) for j in range(len(remaining_of))]
+        decodes_after = _decodes_after([r.num_tokens - r.num_computed_tokens for r in self._running])
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
@@ -292,3 +291,14 @@ class Scheduler:
         request.status = status
         del self._requests[request.request_id]
         self._finished_ids.append(request.request_id)
+
+
+def _decodes_after(remaining: list[int]) -> list[int]:
+    """For each running request, how many requests after it decode this step (one token left):
+    the budget its prefill chunk must leave them. One pass from the back (this runs every step)."""
+    after = [0] * len(remaining)
+    count = 0
+    for i in range(len(remaining) - 1, -1, -1):
+        after[i] = count
+        count += remaining[i] == 1
+    return after

@@ -23,6 +23,7 @@ def _generate(loaded, dbo, record=None):
     assert llm.engine.kv_cache.num_used_blocks == 0
     if record is not None:
         record["dbo_steps"], record["steps"] = runner.dbo_steps, llm.engine.num_steps
+        record["threads"] = runner.ubatch_threads is not None
     return [o.outputs[0].token_ids for o in outs]
 
 
@@ -44,6 +45,7 @@ def test_dbo_on_and_off_give_identical_greedy_tokens(tmp_path, monkeypatch, arch
     assert on == off
     done = [s for _, s in splits if s]
     assert record["dbo_steps"] == len(done) > 0
+    assert not record["threads"]  # one process, no collective to yield at: micro-batches run in turn
     # Both kinds of split happened: a decode-only one, and one that cut a prefill between micro-batches.
     assert any(max(q) == 1 for q, s in splits if s)
     assert any(s[0].rows.stop - 1 == s[1].rows.start for s in done)

@@ -396,3 +396,10 @@ def test_older_long_prefill_does_not_starve_newer_decodes() -> None:
     # Arriving first, "old" ran first in the running order and still finished on the leftover budget.
     assert sched.get_request("old") is None
     assert sched.kv_cache.num_used_blocks > 0  # only the decodes' blocks remain
+
+
+@pytest.mark.parametrize("remaining", [[], [1], [5], [1, 5, 1, 1, 3, 1], [7, 7, 1], [1] * 9])
+def test_decodes_after_counts_the_decoding_requests_behind_each(remaining):
+    from runtime.scheduler import _decodes_after
+
+    assert _decodes_after(remaining) == [sum(1 for r in remaining[j + 1:] if r == 1) for j in range(len(remaining))]
