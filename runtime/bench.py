@@ -58,17 +58,26 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, CompilationConfig]]:
     return named or [("eager", CompilationConfig())]
 
 
-def _variants(args: argparse.Namespace) -> list[tuple[str, CompilationConfig, dict[str, Any]]]:
-    """Each config, and with --dbo each config twice (DBO off, then on) so they sit side by side."""
-    out = []
-    for name, compilation in _configs(args):
-        if not args.dbo:
-            out.append((name, compilation, {}))
-            continue
-        on = {"enable_dbo": True, "dbo_decode_token_threshold": args.dbo_decode_token_threshold,
-              "dbo_prefill_token_threshold": args.dbo_prefill_token_threshold}
-        out += [(f"{name},dbo=off", compilation, {"enable_dbo": False}), (f"{name},dbo=on", compilation, on)]
-    return out
+def _variants(args: argparse.Namespace) -> list[tuple[str, CompilationConfig, dict[str, Any], list[bool | None]]]:
+    """Each config with its engine arguments and the DBO states to measure on that one engine: with
+    --dbo the engine starts with DBO and each measurement runs off, then on (``EngineCore.set_dbo``),
+    so both sit side by side on the same compiled model, graphs and workers."""
+    if not args.dbo:
+        return [(name, compilation, {}, [None]) for name, compilation in _configs(args)]
+    dbo = {"enable_dbo": True, "dbo_decode_token_threshold": args.dbo_decode_token_threshold,
+           "dbo_prefill_token_threshold": args.dbo_prefill_token_threshold}
+    return [(name, compilation, dbo, [False, True]) for name, compilation in _configs(args)]
+
+
+def _row_name(name: str, dbo: bool | None) -> str:
+    return name if dbo is None else f"{name},dbo={'on' if dbo else 'off'}"
+
+
+def _set_dbo(llm: LLM, dbo: bool | None) -> int:
+    """Apply a DBO state (None: leave as started); the DBO steps run so far, to count this run's."""
+    if dbo is not None:
+        llm.engine.set_dbo(dbo)
+    return _runner_stats(llm)["dbo_steps"]
 
 
 def _engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: int,
@@ -123,17 +132,18 @@ def _prompt(vocab: int, length: int, seed: int) -> list[int]:
 
 def bench_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for name, compilation, engine_args in _variants(args):
+    for name, compilation, engine_args, dbo_states in _variants(args):
         counters.reset()
         start = time.perf_counter()
-        loaded = _load(args, compilation)  # loaded per variant: graphs bake in their runner's buffers
+        loaded = _load(args, compilation)  # loaded per config: graphs bake in their runner's buffers
         llm = _engine(loaded, args, max(args.batch_sizes), args.context + 2 * args.steps + args.warmup + 8,
                       engine_args, compilation)
         cold_start = time.perf_counter() - start
-        for batch in args.batch_sizes:
+        for batch, dbo in [(b, d) for b in args.batch_sizes for d in dbo_states]:
+            dbo_steps_before = _set_dbo(llm, dbo)
             times, forward = _decode_step_times(llm.engine, llm.engine.model_config.vocab_size, batch, args)
             stats = _runner_stats(llm)
-            rows.append({"config": name, "batch": batch, "context": args.context,
+            rows.append({"config": _row_name(name, dbo), "batch": batch, "context": args.context,
                          "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
                          "min_ms": 1e3 * min(times),
                          "forward_ms": 1e3 * statistics.median(forward) if forward else None,
@@ -142,7 +152,7 @@ def bench_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
                          "graphs": stats["counters"].graphs_captured, "replays": stats["counters"].graph_replays,
                          **_profile_columns(getattr(llm.engine, "bench_step_profile", None)),
                          "pass_matches": sum(stats["counters"].pass_matches.values()),
-                         "dbo_steps": stats["dbo_steps"], "tp": args.tensor_parallel_size})
+                         "dbo_steps": stats["dbo_steps"] - dbo_steps_before, "tp": args.tensor_parallel_size})
         llm.engine.shutdown()
         del llm, loaded
         current_platform.empty_cache()
@@ -276,29 +286,28 @@ def _hf_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def bench_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The first config (with --dbo: DBO off and on) over the same requests."""
-    first = _configs(args)[0][0]
+    name, compilation, engine_args, dbo_states = _variants(args)[0]
+    counters.reset()
+    loaded = _load(args, compilation)
+    llm = _engine(loaded, args, args.max_num_seqs, args.input_len + args.output_len + 8, engine_args, compilation)
+    vocab = llm.engine.model_config.vocab_size
+    prompts = [_prompt(vocab, args.input_len, i) for i in range(args.num_requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     rows = []
-    for name, compilation, engine_args in [v for v in _variants(args) if v[0].split(",")[0] == first]:
-        counters.reset()
-        loaded = _load(args, compilation)
-        llm = _engine(loaded, args, args.max_num_seqs, args.input_len + args.output_len + 8, engine_args,
-                      compilation)
-        vocab = llm.engine.model_config.vocab_size
-        prompts = [_prompt(vocab, args.input_len, i) for i in range(args.num_requests)]
-        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    for dbo in dbo_states:
+        dbo_steps_before = _set_dbo(llm, dbo)
         llm.generate(prompts[: min(4, len(prompts))], params, use_tqdm=False)  # warm-up
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         elapsed = time.perf_counter() - start
         generated = sum(len(o.outputs[0].token_ids) for o in outs)
-        rows.append({"config": name, "requests": len(outs), "input_len": args.input_len,
+        rows.append({"config": _row_name(name, dbo), "requests": len(outs), "input_len": args.input_len,
                      "output_len": args.output_len, "seconds": elapsed, "requests_per_s": len(outs) / elapsed,
                      "output_tokens_per_s": generated / elapsed,
                      "total_tokens_per_s": (generated + args.input_len * len(outs)) / elapsed,
-                     "dbo_steps": _runner_stats(llm)["dbo_steps"], "tp": args.tensor_parallel_size})
-        llm.engine.shutdown()
-        del llm, loaded
-        current_platform.empty_cache()
+                     "dbo_steps": _runner_stats(llm)["dbo_steps"] - dbo_steps_before,
+                     "tp": args.tensor_parallel_size})
+    llm.engine.shutdown()
     return rows
 
 
@@ -337,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--enable-expert-parallel", action="store_true",
                        help="MoE models under tensor parallelism: whole experts per rank")
         s.add_argument("--dbo", action="store_true",
-                       help="run every config twice, dual-batch overlap off and on, side by side")
+                       help="measure every config with dual-batch overlap off and on, side by side on one "
+                            "engine (started with DBO; switched per measurement)")
         s.add_argument("--dbo-decode-token-threshold", type=int, default=EngineConfig.dbo_decode_token_threshold,
                        help="with --dbo: split decode-only steps of at least this many tokens")
         s.add_argument("--dbo-prefill-token-threshold", type=int, default=EngineConfig.dbo_prefill_token_threshold,

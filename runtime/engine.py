@@ -172,6 +172,14 @@ class EngineCore:
         self.executor = MultiprocExecutor(config, self.max_model_len)
         return self.executor.num_kv_blocks
 
+    def set_dbo(self, enabled: bool) -> None:
+        """Switch DBO micro-batching on or off for later steps (the engine must start with
+        ``enable_dbo=True``: the micro-batch slots and their graphs are built at start-up)."""
+        if self.executor is not None:
+            self.executor.call_workers("set_dbo", enabled)
+        else:
+            self.runner.set_dbo(enabled)
+
     def shutdown(self) -> None:
         """Stop the worker processes (tensor parallelism); a no-op for a single-process engine."""
         if self.executor is not None:

@@ -82,7 +82,8 @@ class ModelRunner:
         self.multimodal = None  # runtime.multimodal.MultimodalRunner, set by attach_multimodal for vision models
         # DBO: each micro-batch slot has its own persistent buffers (graph inputs keep their addresses
         # whatever the split), its own stream (None where the platform has none) and its own graphs.
-        self.dbo = dbo
+        self.dbo_thresholds = dbo  # what the DBO slots below were built for
+        self.dbo = dbo  # splitting now (set_dbo); None runs every step whole
         self.ubatch_buffers = ([InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
                                 for _ in range(NUM_UBATCHES)] if dbo is not None else [])
         self.ubatch_streams = [current_platform.new_stream() for _ in self.ubatch_buffers]
@@ -92,6 +93,13 @@ class ModelRunner:
                                if dbo is not None and collectives else None)
         self.dbo_steps = 0  # steps run as two micro-batches
         self.last_dbo_trace: list[YieldPoint] = []  # yield points of the last split step, in order
+
+    def set_dbo(self, enabled: bool) -> None:
+        """Split steps (DBO) or not, on the slots built at start-up: benchmarks compare both on one
+        engine instead of paying start-up (compile, capture, workers) twice."""
+        if enabled and self.dbo_thresholds is None:
+            raise ValueError("this engine was started without DBO (enable_dbo=False)")
+        self.dbo = self.dbo_thresholds if enabled else None
 
     # ---- KV cache sizing -------------------------------------------------------------------
     def bytes_per_block(self) -> int:

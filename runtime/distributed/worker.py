@@ -114,6 +114,9 @@ class _Worker:
         profiler, self.profiler = self.profiler, None
         return profiler.stop(steps) if profiler is not None else None
 
+    def set_dbo(self, enabled: bool) -> None:
+        self.runner.set_dbo(enabled)
+
     def dbo_stats(self) -> tuple[int, list[Any]]:
         """DBO steps run so far and the yield points of the last one, in order (tests, benchmarks)."""
         return self.runner.dbo_steps, list(self.runner.last_dbo_trace)
