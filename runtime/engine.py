@@ -126,6 +126,9 @@ class EngineCore:
         self.config = config
         current_platform.configure_process()
         current_platform.manual_seed(config.seed)
+        if config.enable_dbo and config.tensor_parallel_size == 1:
+            logger.warning("DBO on one device: there is no communication to overlap, so the two micro-batches "
+                           "only add work (each reads all weights; docs/perf.md measures the cost)")
         self.executor: MultiprocExecutor | None = None
         self.input_processor = None  # vision models: images -> patches and placeholder tokens
         if config.tensor_parallel_size > 1:
