@@ -73,6 +73,11 @@ class EngineConfig:
             return None
         return DBOThresholds(self.dbo_decode_token_threshold, self.dbo_prefill_token_threshold)
 
+    @property
+    def communicates(self) -> bool:
+        """The forward runs collectives: the model is sharded over several ranks."""
+        return self.tensor_parallel_size > 1
+
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(self.tensor_parallel_size, self.enable_expert_parallel)
 

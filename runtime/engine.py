@@ -81,7 +81,7 @@ def make_runner(config: EngineConfig, loaded: LoadedModel, max_model_len: int) -
         max_model_len=max_model_len, block_size=config.block_size, dtype=loaded.dtype,
         device=loaded.device, vocab_size=loaded.config.vocab_size,
         compilation_config=config.compilation_config, dbo=config.dbo_thresholds(),
-        collectives=config.tensor_parallel_size > 1)
+        collectives=config.communicates)
 
 
 def prepare_runner(runner: ModelRunner, num_blocks: int) -> None:
@@ -126,7 +126,7 @@ class EngineCore:
         self.config = config
         current_platform.configure_process()
         current_platform.manual_seed(config.seed)
-        if config.enable_dbo and config.tensor_parallel_size == 1:
+        if config.enable_dbo and not config.communicates:
             logger.warning("DBO on one device: there is no communication to overlap, so the two micro-batches "
                            "only add work (each reads all weights; docs/perf.md measures the cost)")
         self.executor: MultiprocExecutor | None = None

@@ -142,7 +142,9 @@ def run_collective(label: str, launch: Callable[[], Any]) -> None:
 
 
 class UBatchError(RuntimeError):
-    pass
+    @classmethod
+    def of(cls, ubatch: int, error: BaseException) -> "UBatchError":
+        return cls(f"micro-batch {ubatch} failed: {type(error).__name__}: {error}")
 
 
 def _worker_loop(ubatch: int, jobs: queue.SimpleQueue, done: queue.SimpleQueue, stream: Any,
@@ -218,7 +220,7 @@ class UBatchThreads:
         fork.join([ctx.event for ctx in contexts])
         for i, e in enumerate(errors):
             if e is not None:
-                raise UBatchError(f"micro-batch {i} failed: {type(e).__name__}: {e}") from e
+                raise UBatchError.of(i, e) from e
         return results
 
 
@@ -260,7 +262,7 @@ def run_in_turn(fns: Sequence[Callable[[], Any]], streams: Sequence[Any] | None 
                 try:
                     results.append(fn())
                 except Exception as e:
-                    raise UBatchError(f"micro-batch {i} failed: {type(e).__name__}: {e}") from e
+                    raise UBatchError.of(i, e) from e
                 if event is not None:
                     event.record(stream)
             events.append(event)
