@@ -3,36 +3,108 @@
 One program per row with the whole row in registers: hidden sizes of LLMs (<= 16K) fit, and one
 pass over memory is what makes this memory-bound op fast. Math is fp32; values are rounded to the
 input dtype at the same points as the unfused torch code (the sum, the normalised row, the weight
-product), so the results differ from the reference only by the order of the mean's summation.
+product), and the mean of squares is summed in the order torch's CUDA reduction sums it
+(runtime/ops/reduction_order.py), so the result is bit-identical to the unfused ops wherever that
+order is modelled.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from runtime.ops.reduction_order import row_sum_layout
+
 __all__ = ["rms_norm", "fused_add_rms_norm"]
+
+
+@triton.jit
+def _row_values(x_row, res_row, cols, n_cols, HAS_RESIDUAL: tl.constexpr, dtype: tl.constexpr):
+    """The fp32 values the norm runs over: x, or x + residual rounded like the unfused add."""
+    mask = cols < n_cols
+    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x = (x + r).to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fold_halves(v, N: tl.constexpr):
+    """[N] -> [N / 2]: lane j adds lane j + N / 2 (one level of torch's block and warp trees)."""
+    return tl.sum(tl.reshape(v, [2, N // 2]), axis=0)
+
+
+@triton.jit
+def _sum_squares_torch_order(x_row, res_row, n_cols, HAS_RESIDUAL: tl.constexpr, dtype: tl.constexpr,
+                             LANES: tl.constexpr, VEC: tl.constexpr, STEPS: tl.constexpr):
+    """Sum of the row's squares in torch's order (reduction_order.py). Every fold below adds two
+    values, so the order is fixed by the code, not by Triton's reduction lowering."""
+    lane = tl.arange(0, LANES)
+    acc0 = tl.zeros([LANES], tl.float32)
+    acc1 = tl.zeros([LANES], tl.float32)
+    acc2 = tl.zeros([LANES], tl.float32)
+    acc3 = tl.zeros([LANES], tl.float32)
+    if VEC == 4:  # one vector per step, its four positions into their own accumulators
+        for step in range(STEPS):
+            base = (step * LANES + lane) * 4
+            v = _row_values(x_row, res_row, base, n_cols, HAS_RESIDUAL, dtype)
+            acc0 += v * v
+            v = _row_values(x_row, res_row, base + 1, n_cols, HAS_RESIDUAL, dtype)
+            acc1 += v * v
+            v = _row_values(x_row, res_row, base + 2, n_cols, HAS_RESIDUAL, dtype)
+            acc2 += v * v
+            v = _row_values(x_row, res_row, base + 3, n_cols, HAS_RESIDUAL, dtype)
+            acc3 += v * v
+    else:  # at most one element per lane (reduction_order.py models no more)
+        v = _row_values(x_row, res_row, lane, n_cols, HAS_RESIDUAL, dtype)
+        acc0 += v * v
+    v = ((acc0 + acc1) + acc2) + acc3
+    if LANES >= 512:
+        v = _fold_halves(v, 512)
+    if LANES >= 256:
+        v = _fold_halves(v, 256)
+    if LANES >= 128:
+        v = _fold_halves(v, 128)
+    if LANES >= 64:
+        v = _fold_halves(v, 64)
+    if LANES >= 32:
+        v = _fold_halves(v, 32)
+    if LANES >= 16:
+        v = _fold_halves(v, 16)
+    if LANES >= 8:
+        v = _fold_halves(v, 8)
+    if LANES >= 4:
+        v = _fold_halves(v, 4)
+    if LANES >= 2:
+        v = _fold_halves(v, 2)
+    return tl.sum(v, axis=0)
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-    x_row_stride, res_row_stride, n_cols, eps,
+    x_row_stride, res_row_stride, n_cols, inv_n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    TORCH_ORDER: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, STEPS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dtype = out_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    x_row = x_ptr + row * x_row_stride
+    res_row = res_ptr + row * res_row_stride
+    x = _row_values(x_row, res_row, cols, n_cols, HAS_RESIDUAL, dtype)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        # Rounded like the unfused ``x + residual``: the residual stream must not drift.
-        x = (x + r).to(dtype)
-        tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
-        x = x.to(tl.float32)
-    mean_sq = tl.sum(x * x, axis=0) / n_cols
-    rstd = tl.rsqrt(mean_sq + eps)
+        tl.store(res_out_ptr + row * n_cols + cols, x.to(dtype), mask=mask)
+    if TORCH_ORDER:
+        sum_sq = _sum_squares_torch_order(x_row, res_row, n_cols, HAS_RESIDUAL, dtype, LANES, VEC, STEPS)
+    else:
+        sum_sq = tl.sum(x * x, axis=0)
+    # torch's mean multiplies by float32(1 / n) rather than dividing by n.
+    rstd = tl.rsqrt(sum_sq * inv_n_cols + eps)
     normed = (x * rstd).to(dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * n_cols + cols, (w * normed).to(dtype), mask=mask)
@@ -42,6 +114,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, H] with unit column stride (a view when possible)."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_reciprocal(n: int) -> float:
+    """float32(1 / n) correctly rounded, as torch's mean computes its factor."""
+    return torch.tensor(1.0, dtype=torch.float32).div(n).item()
 
 
 def _num_warps(block: int) -> int:
@@ -54,10 +132,16 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if n_rows == 0:
         return
     block = triton.next_power_of_2(n_cols)
+    layout = row_sum_layout(n_rows, n_cols)
     _rms_norm_kernel[(n_rows,)](
         x, residual if residual is not None else x, weight, out, res_out if res_out is not None else out,
-        x.stride(0), residual.stride(0) if residual is not None else 0, n_cols, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+        x.stride(0), residual.stride(0) if residual is not None else 0, n_cols,
+        _fp32_reciprocal(n_cols), eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, TORCH_ORDER=layout is not None,
+        LANES=layout.lanes if layout else 1, VEC=layout.vec if layout else 1,
+        STEPS=layout.steps(n_cols) if layout else 1, num_warps=_num_warps(block),
+        # torch rounds the square before adding it and the mean before adding eps: no FMAs.
+        enable_fp_fusion=False,
     )
 
 

@@ -95,6 +95,9 @@ def _launch(positions, q, k, cos_sin_cache, head_dim, is_neox, q_weight=None, k_
         num_q_heads, num_k_heads, q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), cache.stride(0), eps,
         HALF=head_dim // 2, BLOCK_D=triton.next_power_of_2(head_dim // 2), BLOCK_H=block_h,
         IS_NEOX=is_neox, APPLY_NORM=apply_norm, num_warps=4 if head_dim >= 128 else 2,
+        # No FMAs: torch rounds each product to the tensor dtype before adding (and the compiler
+        # would otherwise contract x1 * cos - x2 * sin straight through those roundings).
+        enable_fp_fusion=False,
     )
     return q_out, k_out
 
