@@ -45,5 +45,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block = min(_BLOCK, triton.next_power_of_2(width))
     grid = (n_rows, triton.cdiv(width, block))
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), width, BLOCK=block, LIBDEVICE=_LIBDEVICE, num_warps=4 if block >= 512 else 2)
+    _silu_and_mul_kernel[grid](x, out, x.stride(0), width, BLOCK=block, LIBDEVICE=_LIBDEVICE,
+                               num_warps=4 if block >= 512 else 2)
     return out
