@@ -24,7 +24,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     result = run_platform_kernel(SILU_AND_MUL_OP, gate_up)
     if result is not None:
         return result
-    if gate_up.shape[-1] % 2 == 0 and use_triton(gate_up):
+    if gate_up.shape[-1] % 2 == 0 and use_triton(SILU_AND_MUL_OP, gate_up):
         return triton_module("triton_activation").silu_and_mul(gate_up)
     return silu_and_mul_reference(gate_up)
 

@@ -2,8 +2,10 @@
 
 A platform may provide its own kernel for an op (``current_platform.op_kernel``: the vendor
 library's kernels on Ascend); otherwise ``current_platform.op_kernels`` picks the generic path
-("torch" on CPU, "triton" on CUDA with triton installed). ``GRAPHMODE_OP_KERNELS=torch|triton``
-overrides both (e.g. "torch" to compare against the reference on a device). Triton modules are
+("torch" on CPU, "triton" on CUDA with triton installed). ``GRAPHMODE_OP_KERNELS`` overrides both:
+``torch`` or ``triton`` for every op, and ``OP=PROVIDER`` items for single ops, comma-separated
+(``triton,rotary_embedding=torch``: the reference rotary, Triton for the rest). Swapping one op at a
+time for its reference is how a numerical difference is traced to its kernel. Triton modules are
 imported on first use only, so a CPU process never imports triton.
 """
 from __future__ import annotations
@@ -21,16 +23,39 @@ KERNELS_ENV = "GRAPHMODE_OP_KERNELS"
 _PROVIDERS = ("torch", "triton")
 
 
-def kernel_provider() -> str:
-    name = os.environ.get(KERNELS_ENV) or current_platform.op_kernels
+def _short(op_name: str) -> str:
+    return op_name.split("::")[-1]
+
+
+def _overrides() -> tuple[str | None, dict[str, str]]:
+    """(provider for every op, {op: provider}) from GRAPHMODE_OP_KERNELS."""
+    everything, per_op = None, {}
+    for item in filter(None, (part.strip() for part in os.environ.get(KERNELS_ENV, "").split(","))):
+        op, _, provider = item.rpartition("=")
+        if provider not in _PROVIDERS:
+            raise ValueError(f"{KERNELS_ENV}: unknown op kernel provider {provider!r} in {item!r}; "
+                             f"known: {list(_PROVIDERS)}")
+        if op:
+            per_op[_short(op)] = provider
+        else:
+            everything = provider
+    return everything, per_op
+
+
+def kernel_provider(op_name: str | None = None) -> str:
+    """"torch" or "triton": who serves ``op_name`` (any op when None) unless the platform has its own."""
+    everything, per_op = _overrides()
+    name = (per_op.get(_short(op_name)) if op_name else None) or everything or current_platform.op_kernels
     if name not in _PROVIDERS:
         raise ValueError(f"unknown op kernel provider {name!r}; known: {list(_PROVIDERS)}")
     return name
 
 
 def platform_kernel(op_name: str) -> Callable[..., Any] | None:
-    """The platform's own kernel for ``op_name`` (it returns None to decline a call), unless overridden."""
-    if os.environ.get(KERNELS_ENV):
+    """The platform's own kernel for ``op_name`` (it returns None to decline a call), unless
+    GRAPHMODE_OP_KERNELS names a provider for this op."""
+    everything, per_op = _overrides()
+    if everything or _short(op_name) in per_op:
         return None
     return current_platform.op_kernel(op_name)
 
@@ -41,9 +66,10 @@ def run_platform_kernel(op_name: str, *args: Any) -> Any | None:
     return kernel(*args) if kernel is not None else None
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Triton serves the call when the platform asks for it and the tensors live where Triton runs."""
-    if kernel_provider() != "triton":
+def use_triton(op_name: str, *tensors: torch.Tensor) -> bool:
+    """Triton serves this call of ``op_name`` when the platform (or the override) asks for it and
+    the tensors live where Triton runs."""
+    if kernel_provider(op_name) != "triton":
         return False
     # The interpreter runs Triton on CPU tensors (kernel tests on machines without a GPU).
     device_type = current_platform.device_type

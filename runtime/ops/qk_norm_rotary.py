@@ -35,7 +35,7 @@ def qk_norm_rotary(
         return result
     weights_fit = all(w.dtype == q.dtype and w.shape == (head_dim,) for w in (q_weight, k_weight))
     per_head = q.shape[-1] == head_dim and k.shape[-1] == head_dim  # the norm runs over the last dim
-    if weights_fit and per_head and triton_rotary_ok(positions, q, k, cos_sin_cache, head_dim):
+    if weights_fit and per_head and triton_rotary_ok(QK_NORM_ROTARY_OP, positions, q, k, cos_sin_cache, head_dim):
         return triton_module("triton_rotary").qk_norm_rotary(
             positions, q, k, q_weight, k_weight, eps, cos_sin_cache, head_dim, is_neox)
     return qk_norm_rotary_reference(positions, q, k, q_weight, k_weight, eps, cos_sin_cache, head_dim, is_neox)

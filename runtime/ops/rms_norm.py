@@ -33,12 +33,12 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _triton_ok(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> bool:
+def _triton_ok(op_name: str, x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> bool:
     # The kernel handles one dtype per call and rows that fit one block; the rest is rare enough
     # for the reference.
     same_dtype = all(t.dtype == x.dtype for t in (weight, *others))
     row_weight = weight.shape == (x.shape[-1],)
-    return same_dtype and row_weight and x.shape[-1] <= 65536 and use_triton(x, weight, *others)
+    return same_dtype and row_weight and x.shape[-1] <= 65536 and use_triton(op_name, x, weight, *others)
 
 
 @torch.library.custom_op(RMS_NORM_OP, mutates_args=())
@@ -47,7 +47,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     result = run_platform_kernel(RMS_NORM_OP, x, weight, eps)
     if result is not None:
         return result
-    if _triton_ok(x, weight):
+    if _triton_ok(RMS_NORM_OP, x, weight):
         return triton_module("triton_rms_norm").rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
@@ -65,7 +65,7 @@ def fused_add_rms_norm(
     result = run_platform_kernel(FUSED_ADD_RMS_NORM_OP, x, residual, weight, eps)
     if result is not None:
         return result
-    if _triton_ok(x, weight, residual) and x.shape == residual.shape:
+    if _triton_ok(FUSED_ADD_RMS_NORM_OP, x, weight, residual) and x.shape == residual.shape:
         return triton_module("triton_rms_norm").fused_add_rms_norm(x, residual, weight, eps)
     return fused_add_rms_norm_reference(x, residual, weight, eps)
 

@@ -40,11 +40,11 @@ def rotary_embedding_reference(
     return rotate(q, cos, sin, head_dim).contiguous(), rotate(k, cos, sin, head_dim).contiguous()
 
 
-def triton_rotary_ok(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-                     head_dim: int) -> bool:
+def triton_rotary_ok(op_name: str, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, head_dim: int) -> bool:
     """Whether the Triton kernel serves this call (full-width rotary of same-dtype q and k)."""
     return (q.dtype == k.dtype and cos_sin_cache.shape[-1] == head_dim and head_dim % 2 == 0
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and use_triton(positions, q, k, cos_sin_cache))
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and use_triton(op_name, positions, q, k, cos_sin_cache))
 
 
 @torch.library.custom_op(ROTARY_EMBEDDING_OP, mutates_args=())
@@ -55,7 +55,7 @@ def rotary_embedding(
     result = run_platform_kernel(ROTARY_EMBEDDING_OP, positions, q, k, cos_sin_cache, head_dim, is_neox)
     if result is not None:
         return result
-    if triton_rotary_ok(positions, q, k, cos_sin_cache, head_dim):
+    if triton_rotary_ok(ROTARY_EMBEDDING_OP, positions, q, k, cos_sin_cache, head_dim):
         return triton_module("triton_rotary").rotary_embedding(positions, q, k, cos_sin_cache, head_dim, is_neox)
     return rotary_embedding_reference(positions, q, k, cos_sin_cache, head_dim, is_neox)
 

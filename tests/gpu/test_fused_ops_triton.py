@@ -202,7 +202,7 @@ def test_ops_dispatch_to_triton(monkeypatch):
     monkeypatch.setenv(KERNELS_ENV, "triton")
     dtype = DTYPES[0]
     x, weight = _randn(3, 64, dtype=dtype), _randn(64, dtype=dtype, seed=1)
-    assert use_triton(x, weight)
+    assert use_triton("graphmode::rms_norm", x, weight)
     calls = []
     original = triton_rms_norm.rms_norm
     monkeypatch.setattr(triton_rms_norm, "rms_norm", lambda *a: calls.append(1) or original(*a))
