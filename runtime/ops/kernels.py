@@ -10,6 +10,7 @@ imported on first use only, so a CPU process never imports triton.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -29,8 +30,14 @@ def _short(op_name: str) -> str:
 
 def _overrides() -> tuple[str | None, dict[str, str]]:
     """(provider for every op, {op: provider}) from GRAPHMODE_OP_KERNELS."""
+    return _parse_overrides(os.environ.get(KERNELS_ENV, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_overrides(raw: str) -> tuple[str | None, dict[str, str]]:
+    # Cached by the variable's text: every fused-op call asks, and eager decode makes ~100 per step.
     everything, per_op = None, {}
-    for item in filter(None, (part.strip() for part in os.environ.get(KERNELS_ENV, "").split(","))):
+    for item in filter(None, (part.strip() for part in raw.split(","))):
         op, _, provider = item.rpartition("=")
         if provider not in _PROVIDERS:
             raise ValueError(f"{KERNELS_ENV}: unknown op kernel provider {provider!r} in {item!r}; "

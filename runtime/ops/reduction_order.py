@@ -27,6 +27,7 @@ order. ``tests/gpu/test_fused_ops_triton.py`` holds the claim to the bit on the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 _MAX_THREADS = 512  # ATen's MAX_NUM_THREADS for reductions over real dtypes
 _WARP = 32
@@ -53,6 +54,7 @@ def _last_pow2(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
+@functools.lru_cache(maxsize=256)  # asked at every RMSNorm launch; a pure function of two ints
 def row_sum_layout(rows: int, width: int) -> RowSumLayout | None:
     """The layout torch's CUDA reduction uses for ``x.sum(-1)`` of a contiguous fp32 [rows, width]
     tensor, or None where torch splits a row across warps or blocks (not modelled)."""
