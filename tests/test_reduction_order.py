@@ -18,6 +18,9 @@ from runtime.ops.reduction_order import RowSumLayout, row_sum_layout
     (2, 2048, RowSumLayout(lanes=256, vec=4)),
     (1, 128, RowSumLayout(lanes=32, vec=4)),  # 128 wide is already read as vectors (measured)
     (1, 64, RowSumLayout(lanes=64, vec=1)),
+    (16, 64, RowSumLayout(lanes=32, vec=1)),  # tiny test models: two elements per lane
+    (1, 100, RowSumLayout(lanes=64, vec=1)),  # under 128 wide: element by element
+    (4096, 16, RowSumLayout(lanes=16, vec=1)),
 ])
 def test_layouts(rows, width, layout):
     assert row_sum_layout(rows, width) == layout
@@ -26,8 +29,7 @@ def test_layouts(rows, width, layout):
 @pytest.mark.parametrize("rows, width", [
     (8, 8192),  # 64 values per thread with 4 row-warps: torch splits each row across warps
     (4096, 8192),
-    (1, 100),  # between the measured 64 (elements) and 128 (vectors)
-    (16, 1002),  # not a multiple of 4: element by element, several per lane (not measured)
+    (16, 1002),  # not a multiple of 4: vector loads with a scalar tail (not measured)
     (0, 576),
 ])
 def test_unmodelled_configurations_are_refused(rows, width):
@@ -43,3 +45,12 @@ def test_steps_count_vectors_or_elements_per_lane():
     assert RowSumLayout(lanes=128, vec=4).steps(576) == 2  # 144 vectors over 128 lanes
     assert RowSumLayout(lanes=32, vec=4).steps(576) == 5
     assert RowSumLayout(lanes=64, vec=1).steps(64) == 1
+    assert RowSumLayout(lanes=32, vec=1).steps(127) == 4
+
+
+@pytest.mark.parametrize("width", range(1, 128))
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 100, 4096])
+def test_rows_read_element_by_element_take_at_most_four_per_lane(rows, width):
+    # The Triton kernel unrolls exactly four accumulators for these (triton_rms_norm.py).
+    layout = row_sum_layout(rows, width)
+    assert layout.vec == 1 and 1 <= layout.steps(width) <= 4

@@ -12,17 +12,18 @@ with torch 2.11 (docs/perf.md, 2026-12-01: cancellation probes and random rows, 
 
 - ``lanes`` threads share a row. Rows of 128 or more with ``width % 4 == 0`` are read as 4-element
   vectors (``vec = 4``): lane ``t`` adds vector ``t + k * lanes`` for k = 0, 1, ... into four
-  accumulators, one per position in the vector, then combines them left to right. Rows of up to 64
-  (``vec = 1``) give each lane at most one element.
+  accumulators, one per position in the vector, then combines them left to right. Narrower rows are
+  read element by element (``vec = 1``): lane ``t`` adds element ``t + s * lanes`` into accumulator
+  ``s % 4`` (ATen unrolls its loop by four, one accumulator per unrolled load), then combines the four
+  left to right.
 - Lanes combine in a halving tree: lane ``j`` adds lane ``j + n / 2`` until one is left (through
   shared memory above a warp, warp shuffles below).
 - ``mean`` multiplies the sum by ``float32(1 / width)``.
 
 ``lanes`` depends on the number of rows: with few rows, more threads share each row. Where torch
 also splits a row across warps or blocks (long rows, roughly from 8K wide), and where the order was
-not measured (widths 65..127, and rows read element by element with more than one element per
-lane: widths not a multiple of 4), ``row_sum_layout`` returns None and the kernel sums in its own
-order. ``tests/gpu/test_fused_ops_triton.py`` holds the claim to the bit on the GPU.
+not measured (rows of 128 or more whose width is not a multiple of 4: vector loads with a scalar
+tail), ``row_sum_layout`` returns None and the kernel sums in its own order. ``tests/gpu/test_fused_ops_triton.py`` holds the claim to the bit on the GPU.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ _MAX_THREADS = 512  # ATen's MAX_NUM_THREADS for reductions over real dtypes
 _WARP = 32
 _VEC = 4  # fp32 elements per 16-byte vector load, and the number of per-thread accumulators
 _VECTORIZE_FROM = 128  # rows this wide are read as vectors (measured: 128 is, 64 is not)
-_NARROW_UP_TO = 64  # rows this narrow are read element by element (measured)
 _MIN_VALUES_PER_THREAD = 16
 _MAX_VALUES_PER_THREAD = 256
 
@@ -46,7 +46,8 @@ class RowSumLayout:
     vec: int
 
     def steps(self, width: int) -> int:
-        """Loop iterations per lane: vectors (vec 4) or elements (vec 1) a lane visits."""
+        """Loads per lane: vectors (vec 4) or elements (vec 1). Rows read element by element are
+        narrower than 128 and get at least a quarter as many lanes: at most 4 elements per lane."""
         return -(-(width // self.vec) // self.lanes)
 
 
@@ -58,9 +59,9 @@ def _last_pow2(n: int) -> int:
 def row_sum_layout(rows: int, width: int) -> RowSumLayout | None:
     """The layout torch's CUDA reduction uses for ``x.sum(-1)`` of a contiguous fp32 [rows, width]
     tensor, or None where torch splits a row across warps or blocks (not modelled)."""
-    if rows < 1 or width < 1 or _NARROW_UP_TO < width < _VECTORIZE_FROM:
+    if rows < 1 or width < 1 or (width >= _VECTORIZE_FROM and width % _VEC):
         return None
-    vec = _VEC if width >= _VECTORIZE_FROM and width % _VEC == 0 else 1
+    vec = _VEC if width >= _VECTORIZE_FROM else 1
     dim0 = width // vec
     dim0_pow2 = _last_pow2(dim0) if dim0 < _MAX_THREADS else _MAX_THREADS
     dim1_pow2 = _last_pow2(rows) if rows < _MAX_THREADS else _MAX_THREADS
@@ -72,7 +73,5 @@ def row_sum_layout(rows: int, width: int) -> RowSumLayout | None:
     # A split across a one-warp block changes nothing; past 256 values per thread torch also splits
     # the row across blocks.
     if splits_across_warps and (height > 1 or values_per_thread >= _MAX_VALUES_PER_THREAD):
-        return None
-    if vec == 1 and width > lanes:  # several elements per lane, element by element: not measured
         return None
     return RowSumLayout(lanes=lanes, vec=vec)

@@ -58,9 +58,18 @@ def _sum_squares_torch_order(x_row, res_row, n_cols, HAS_RESIDUAL: tl.constexpr,
             acc2 += v * v
             v = _row_values(x_row, res_row, base + 3, n_cols, HAS_RESIDUAL, dtype)
             acc3 += v * v
-    else:  # at most one element per lane (reduction_order.py models no more)
+    else:  # element by element: element step * LANES + lane into accumulator step % 4 (STEPS <= 4)
         v = _row_values(x_row, res_row, lane, n_cols, HAS_RESIDUAL, dtype)
         acc0 += v * v
+        if STEPS > 1:
+            v = _row_values(x_row, res_row, LANES + lane, n_cols, HAS_RESIDUAL, dtype)
+            acc1 += v * v
+        if STEPS > 2:
+            v = _row_values(x_row, res_row, 2 * LANES + lane, n_cols, HAS_RESIDUAL, dtype)
+            acc2 += v * v
+        if STEPS > 3:
+            v = _row_values(x_row, res_row, 3 * LANES + lane, n_cols, HAS_RESIDUAL, dtype)
+            acc3 += v * v
     v = ((acc0 + acc1) + acc2) + acc3
     if LANES >= 512:
         v = _fold_halves(v, 512)

@@ -25,11 +25,12 @@ from runtime.ops.rms_norm import fused_add_rms_norm_reference, rms_norm_referenc
 from runtime.ops.rotary import rotary_embedding_reference  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] if INTERPRET else [torch.bfloat16, torch.float16, torch.float32]
-HIDDEN = [64, 576, 1000] if INTERPRET else [576, 1000, 2048, 4096, 8192]
+HIDDEN = [64, 576, 1000] if INTERPRET else [64, 100, 576, 1000, 2048, 4096, 8192]
 TOKENS = [1, 3, 17] if INTERPRET else [1, 7, 256, 4096]
 INTERMEDIATE = [48, 1536] if INTERPRET else [1536, 8192, 14336]
-# (q heads, kv heads, head_dim): SmolLM2, Llama-3.2-1B, Qwen3-8B-like
-HEADS = [(9, 3, 64), (4, 2, 128)] if INTERPRET else [(9, 3, 64), (32, 8, 64), (32, 8, 128)]
+# (q heads, kv heads, head_dim): SmolLM2, Llama-3.2-1B, Qwen3-8B-like; the tiny test Qwen3 / Qwen3-MoE
+HEADS = ([(9, 3, 64), (4, 2, 128), (4, 2, 16)] if INTERPRET else
+         [(9, 3, 64), (32, 8, 64), (32, 8, 128), (4, 2, 32), (4, 2, 16)])
 
 
 def _tol(dtype: torch.dtype) -> dict:
@@ -88,8 +89,8 @@ def _exact_or_tol(tokens: int, hidden: int, dtype: torch.dtype) -> dict:
     return dict(atol=0, rtol=0) if row_sum_layout(tokens, hidden) else _tol(dtype)
 
 
-@pytest.mark.parametrize("hidden", HIDDEN)
-@pytest.mark.parametrize("tokens", TOKENS + [2, 8])
+@pytest.mark.parametrize("hidden", HIDDEN + [16, 20, 32, 72, 96, 127])
+@pytest.mark.parametrize("tokens", TOKENS + [2, 8, 16, 28, 144])
 def test_mean_order_model_matches_torch(tokens, hidden):
     """reduction_order.py's account of torch's row sum, checked against torch's own mean."""
     if INTERPRET:
@@ -179,8 +180,9 @@ def test_qk_norm_rotary(is_neox, tokens, heads, dtype):
     q_weight, k_weight = _randn(head_dim, dtype=dtype, seed=5), _randn(head_dim, dtype=dtype, seed=6)
     args = (positions, q, k, q_weight, k_weight, 1e-6, table, head_dim, is_neox)
     q_out, k_out = triton_rotary.qk_norm_rotary(*args)
-    if head_dim != 128:
-        # Only 128-wide heads sum their squares in torch's order (triton_rotary.py): tolerance.
+    rows = (tokens * num_heads, tokens * num_kv_heads)
+    if not all(triton_rotary.norm_sum_layout(n, head_dim) for n in rows):
+        # The kernel sums the squares in its own order there (triton_rotary.py): tolerance.
         q_ref, k_ref = qk_norm_rotary_reference(*args)
         torch.testing.assert_close(q_out, q_ref, **_tol(dtype))
         torch.testing.assert_close(k_out, k_ref, **_tol(dtype))
