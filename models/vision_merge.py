@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from runtime.ops.library import graph_op
+
 MERGE_OP = "graphmode::merge_image_embeddings"
 
 
-@torch.library.custom_op(MERGE_OP, mutates_args=())
+@graph_op(MERGE_OP, mutates_args=())
 def merge_image_embeddings(inputs_embeds: torch.Tensor, is_image: torch.Tensor,
                            image_embeds: torch.Tensor) -> torch.Tensor:
     """inputs_embeds, image_embeds [T, hidden]; is_image [T] bool -> [T, hidden]."""

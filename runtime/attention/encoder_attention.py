@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from runtime.ops.library import graph_op
+
 ENCODER_ATTENTION_OP = "graphmode::encoder_attention"
 
 
@@ -62,7 +64,7 @@ def check_backend(name: str) -> str:
     return name
 
 
-@torch.library.custom_op(ENCODER_ATTENTION_OP, mutates_args=("out",))
+@graph_op(ENCODER_ATTENTION_OP, mutates_args=("out",))
 def encoder_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
                       out: torch.Tensor, scale: float, backend: str) -> None:
     """query/key/value/out [T, H, D]; cu_seqlens [S + 1] int32, non-decreasing, last >= T."""

@@ -14,6 +14,7 @@ from types import ModuleType
 import torch
 
 from runtime.forward_context import get_forward_context
+from runtime.ops.library import graph_op
 from runtime.platforms import current_platform
 
 ATTENTION_OP = "graphmode::attention"
@@ -40,7 +41,7 @@ def _backend_module(name: str) -> ModuleType:
     return importlib.import_module(backends[name])
 
 
-@torch.library.custom_op(ATTENTION_OP, mutates_args=("out",))
+@graph_op(ATTENTION_OP, mutates_args=("out",))
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -17,13 +17,14 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from runtime.distributed.parallel_state import ParallelContext
+from runtime.ops.library import graph_op
 from runtime.ubatching import run_collective
 
 ALL_REDUCE_OP = "graphmode::all_reduce"
 ALL_GATHER_OP = "graphmode::all_gather"
 
 
-@torch.library.custom_op(ALL_REDUCE_OP, mutates_args=("out",))
+@graph_op(ALL_REDUCE_OP, mutates_args=("out",))
 def all_reduce(x: torch.Tensor, out: torch.Tensor, group_name: str, label: str) -> None:
     """out = sum of ``x`` over the group's ranks."""
     out.copy_(x)
@@ -36,7 +37,7 @@ def _all_reduce_fake(x, out, group_name, label) -> None:
     return None
 
 
-@torch.library.custom_op(ALL_GATHER_OP, mutates_args=("out",))
+@graph_op(ALL_GATHER_OP, mutates_args=("out",))
 def all_gather(x: torch.Tensor, out: torch.Tensor, group_name: str, label: str) -> None:
     """out [world, *x.shape]: out[r] = rank r's ``x``."""
     group = _resolve_process_group(group_name)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.ops.kernels import run_platform_kernel, triton_module, use_triton
+from runtime.ops.library import graph_op
 
 SILU_AND_MUL_OP = "graphmode::silu_and_mul"
 
@@ -18,7 +19,7 @@ def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).contiguous()
 
 
-@torch.library.custom_op(SILU_AND_MUL_OP, mutates_args=())
+@graph_op(SILU_AND_MUL_OP, mutates_args=())
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [..., 2I] -> [..., I]."""
     result = run_platform_kernel(SILU_AND_MUL_OP, gate_up)

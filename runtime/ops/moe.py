@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from runtime.ops.library import graph_op
+
 FUSED_MOE_OP = "graphmode::fused_moe"
 
 
@@ -41,7 +43,7 @@ def fused_moe_reference(
     return hidden.new_zeros(num_tokens, hidden_size).index_add_(0, token_of, weighted)
 
 
-@torch.library.custom_op(FUSED_MOE_OP, mutates_args=())
+@graph_op(FUSED_MOE_OP, mutates_args=())
 def fused_moe(
     hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:

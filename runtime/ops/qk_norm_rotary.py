@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from runtime.ops.kernels import run_platform_kernel, triton_module
+from runtime.ops.library import graph_op
 from runtime.ops.rms_norm import rms_norm_reference
 from runtime.ops.rotary import rotary_embedding_reference, triton_rotary_ok
 
@@ -24,7 +25,7 @@ def qk_norm_rotary_reference(
     return rotary_embedding_reference(positions, q, k, cos_sin_cache, head_dim, is_neox)
 
 
-@torch.library.custom_op(QK_NORM_ROTARY_OP, mutates_args=())
+@graph_op(QK_NORM_ROTARY_OP, mutates_args=())
 def qk_norm_rotary(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
     eps: float, cos_sin_cache: torch.Tensor, head_dim: int, is_neox: bool,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from runtime.ops.kernels import run_platform_kernel, triton_module, use_triton
+from runtime.ops.library import graph_op
 
 RMS_NORM_OP = "graphmode::rms_norm"
 FUSED_ADD_RMS_NORM_OP = "graphmode::fused_add_rms_norm"
@@ -41,7 +42,7 @@ def _triton_ok(op_name: str, x: torch.Tensor, weight: torch.Tensor, *others: tor
     return same_dtype and row_weight and x.shape[-1] <= 65536 and use_triton(op_name, x, weight, *others)
 
 
-@torch.library.custom_op(RMS_NORM_OP, mutates_args=())
+@graph_op(RMS_NORM_OP, mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` [..., H] with ``weight`` [H]."""
     result = run_platform_kernel(RMS_NORM_OP, x, weight, eps)
@@ -57,7 +58,7 @@ def _rms_norm_fake(x, weight, eps):
     return x.new_empty(x.shape, dtype=_out_dtype(x, weight))
 
 
-@torch.library.custom_op(FUSED_ADD_RMS_NORM_OP, mutates_args=())
+@graph_op(FUSED_ADD_RMS_NORM_OP, mutates_args=())
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

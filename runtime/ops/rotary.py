@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from runtime.ops.kernels import run_platform_kernel, triton_module, use_triton
+from runtime.ops.library import graph_op
 
 ROTARY_EMBEDDING_OP = "graphmode::rotary_embedding"
 
@@ -47,7 +48,7 @@ def triton_rotary_ok(op_name: str, positions: torch.Tensor, q: torch.Tensor, k: 
             and q.stride(-1) == 1 and k.stride(-1) == 1 and use_triton(op_name, positions, q, k, cos_sin_cache))
 
 
-@torch.library.custom_op(ROTARY_EMBEDDING_OP, mutates_args=())
+@graph_op(ROTARY_EMBEDDING_OP, mutates_args=())
 def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, head_dim: int,
     is_neox: bool,
