@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from runtime.ops.reduction_order import row_sum_layout
+from runtime.ops.triton_lane_tree import lane_tree_sum
 
 __all__ = ["rms_norm", "fused_add_rms_norm"]
 
@@ -32,16 +33,10 @@ def _row_values(x_row, res_row, cols, n_cols, HAS_RESIDUAL: tl.constexpr, dtype:
 
 
 @triton.jit
-def _fold_halves(v, N: tl.constexpr):
-    """[N] -> [N / 2]: lane j adds lane j + N / 2 (one level of torch's block and warp trees)."""
-    return tl.sum(tl.reshape(v, [2, N // 2]), axis=0)
-
-
-@triton.jit
 def _sum_squares_torch_order(x_row, res_row, n_cols, HAS_RESIDUAL: tl.constexpr, dtype: tl.constexpr,
                              LANES: tl.constexpr, VEC: tl.constexpr, STEPS: tl.constexpr):
-    """Sum of the row's squares in torch's order (reduction_order.py). Every fold below adds two
-    values, so the order is fixed by the code, not by Triton's reduction lowering."""
+    """Sum of the row's squares in torch's order (reduction_order.py): per-lane accumulators, then
+    the lane tree."""
     lane = tl.arange(0, LANES)
     acc0 = tl.zeros([LANES], tl.float32)
     acc1 = tl.zeros([LANES], tl.float32)
@@ -71,25 +66,7 @@ def _sum_squares_torch_order(x_row, res_row, n_cols, HAS_RESIDUAL: tl.constexpr,
             v = _row_values(x_row, res_row, 3 * LANES + lane, n_cols, HAS_RESIDUAL, dtype)
             acc3 += v * v
     v = ((acc0 + acc1) + acc2) + acc3
-    if LANES >= 512:
-        v = _fold_halves(v, 512)
-    if LANES >= 256:
-        v = _fold_halves(v, 256)
-    if LANES >= 128:
-        v = _fold_halves(v, 128)
-    if LANES >= 64:
-        v = _fold_halves(v, 64)
-    if LANES >= 32:
-        v = _fold_halves(v, 32)
-    if LANES >= 16:
-        v = _fold_halves(v, 16)
-    if LANES >= 8:
-        v = _fold_halves(v, 8)
-    if LANES >= 4:
-        v = _fold_halves(v, 4)
-    if LANES >= 2:
-        v = _fold_halves(v, 2)
-    return tl.sum(v, axis=0)
+    return tl.sum(lane_tree_sum(tl.reshape(v, [1, LANES]), LANES), axis=0)
 
 
 @triton.jit

@@ -13,16 +13,11 @@ import triton
 import triton.language as tl
 
 from runtime.ops.reduction_order import RowSumLayout, row_sum_layout
+from runtime.ops.triton_lane_tree import lane_tree_sum
 
 __all__ = ["rotary_embedding", "qk_norm_rotary", "norm_sum_layout"]
 
 _HEADS_PER_PROGRAM = 4
-
-
-@triton.jit
-def _halve(v, N: tl.constexpr):
-    """[H, N] -> [H, N / 2]: lane j adds lane j + N / 2 (one level of torch's tree)."""
-    return tl.sum(tl.reshape(v, [v.shape[0], 2, N // 2]), axis=1)
 
 
 @triton.jit
@@ -63,21 +58,7 @@ def _head_sum_squares_torch_order(x1, x2, IS_NEOX: tl.constexpr, LANES: tl.const
             v = a0 + a1
         else:
             v = _combine_four(acc)
-    if LANES >= 128:
-        v = _halve(v, 128)
-    if LANES >= 64:
-        v = _halve(v, 64)
-    if LANES >= 32:
-        v = _halve(v, 32)
-    if LANES >= 16:
-        v = _halve(v, 16)
-    if LANES >= 8:
-        v = _halve(v, 8)
-    if LANES >= 4:
-        v = _halve(v, 4)
-    if LANES >= 2:
-        v = _halve(v, 2)
-    return tl.sum(v, axis=1)
+    return lane_tree_sum(v, LANES)
 
 
 @triton.jit
