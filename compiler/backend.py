@@ -18,6 +18,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from compiler.cache import CompileCache
 from compiler.compile_piece import compile_piece
+from compiler.compiler_interface import CompilerInterface
 from compiler.config import CompilationConfig
 from compiler.counters import counters
 from compiler.dump import GraphDump
@@ -28,13 +29,13 @@ logger = logging.getLogger(__name__)
 
 
 class GraphModeBackend:
-    def __init__(self, config: CompilationConfig, tag: str, backend: str, model_source_hash: str,
+    def __init__(self, config: CompilationConfig, tag: str, compiler: CompilerInterface, model_source_hash: str,
                  platform_name: str, pass_manager: Any | None = None) -> None:
-        self.config, self.tag, self.backend = config, tag, backend
+        self.config, self.tag, self.compiler = config, tag, compiler
         self.pass_manager = pass_manager
         pass_uuid = pass_manager.uuid() if pass_manager is not None else "no-passes"
         self.cache = None
-        if config.cache_dir and backend == "inductor":
+        if config.cache_dir and compiler.supports_cache:
             key = CompileCache.make_global_key(config.code_hash(), pass_uuid, model_source_hash, platform_name)
             self.cache = CompileCache(config.cache_dir, key)
         self.dump = GraphDump(config.dump_dir, tag) if config.dump_dir else None
@@ -58,12 +59,12 @@ class GraphModeBackend:
         self.timings["compile_s"] = time.perf_counter() - start
         cache_state = self._cache_state(hits_before, misses_before)
         logger.info("%s: compiled %d pieces (%d splitting ops) with %s in %.2f s; cache %s", self.tag,
-                    len(compiled), len(self.pieces) - len(compiled), self.backend, self.timings["compile_s"],
+                    len(compiled), len(self.pieces) - len(compiled), self.compiler.name, self.timings["compile_s"],
                     cache_state)
         if self.dump:
             self.dump.record_pieces(self.pieces, self.compiled_op_counts)
             self._dump_passes()
-            self.dump.set(config=self.config.to_dict(), backend=self.backend, cache=cache_state,
+            self.dump.set(config=self.config.to_dict(), backend=self.compiler.name, cache=cache_state,
                           timings_s=dict(self.timings), counters=counters.snapshot())
             self.dump.flush()
         self.split_module = split_gm
@@ -138,9 +139,9 @@ class GraphModeBackend:
                 self.compiled_op_counts[piece.name] = graph_op_counts(transformed[0])
             return transformed[0]
 
-        general = compile_piece(piece.module, fake_args, self.backend, self.cache, transform=transform)
-        by_size = {size: compile_piece(piece.module, fake_args, self.backend, self.cache, size, transform)
-                   for size in self.config.compile_sizes} if self.backend == "inductor" else {}
+        general = compile_piece(piece.module, fake_args, self.compiler, self.cache, transform=transform)
+        by_size = {size: compile_piece(piece.module, fake_args, self.compiler, self.cache, size, transform)
+                   for size in self.config.compile_sizes} if self.compiler.compiles_per_size else {}
         capture = (self.config.resolved_capture_sizes()
                    if self.config.graph_mode in ("piecewise", "full_and_piecewise") else None)
         return PiecewiseBackend(piece.name, general, by_size, find_size_arg(fake_args), capture)

@@ -20,6 +20,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 from compiler.backend import GraphModeBackend
+from compiler.compiler_interface import CompilerInterface, make_compiler
 from compiler.config import CompilationConfig, current_config
 from compiler.direct_call import DirectCall, RecordingBackend, WeakBackend, plan_direct_call
 from runtime.platforms import current_platform
@@ -58,9 +59,9 @@ class CompiledForward:
         self.config, self.tag = config, tag
         self.signature = inspect.signature(forward)
         self.dynamic_arg_dims = dynamic_arg_dims
-        backend_name = config.resolved_backend(current_platform.default_compile_backend)
-        self.backend = GraphModeBackend(config, tag, backend_name, _source_hash(type(module)), current_platform.name,
-                                        _pass_manager(config, backend_name))
+        compiler = make_compiler(config.resolved_backend(current_platform.default_compile_backend))
+        self.backend = GraphModeBackend(config, tag, compiler, _source_hash(type(module)), current_platform.name,
+                                        _pass_manager(config, compiler))
         self.recorder = RecordingBackend(self.backend)
         # Without debug every guard goes: one trace serves every token count. With debug the shape
         # guards still go (they would pin 0/1 sizes), the rest stay so a real change is caught.
@@ -112,13 +113,14 @@ class CompiledForward:
         return self.compiled(module, *args, **kwargs)
 
 
-def _pass_manager(config: CompilationConfig, backend: str) -> Any | None:
-    """The pass pipeline for ``config`` ("default" depends on ``backend``); None when it names no passes."""
+def _pass_manager(config: CompilationConfig, compiler: CompilerInterface) -> Any | None:
+    """The pass pipeline for ``config`` ("default" depends on the compiler); None when it names no passes."""
     if not config.passes:
         return None
     from passes.manager import PassManager  # imports torch._inductor: only when passes run
 
-    return PassManager.from_names(config.passes, record=config.dump_dir is not None, backend=backend)
+    return PassManager.from_names(config.passes, record=config.dump_dir is not None,
+                                  backend_fuses=compiler.fuses_elementwise)
 
 
 def support_torch_compile(cls: T | None = None, *, dynamic_arg_dims: dict[str, int | list[int]] | None = None,

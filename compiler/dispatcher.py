@@ -6,22 +6,21 @@ import logging
 from dataclasses import dataclass
 
 from compiler.config import CompilationConfig
+from runtime.forward_context import BatchDescriptor, GraphMode
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class BatchDescriptor:
-    num_tokens: int
-    uniform_decode: bool  # every request contributes exactly one token
-    ubatch: int | None = None  # DBO micro-batch slot (0 or 1); None for a whole step
-
-
-@dataclass(frozen=True)
 class Dispatch:
-    mode: str  # "full" | "piecewise" | "none"
+    mode: GraphMode
     padded_tokens: int
-    ubatch: int | None = None  # which micro-batch slot's graphs to replay
+    batch: BatchDescriptor  # what was asked for
+
+    @property
+    def ubatch(self) -> int | None:
+        """Which micro-batch slot's graphs to replay."""
+        return self.batch.ubatch
 
 
 class GraphDispatcher:
@@ -55,18 +54,14 @@ class GraphDispatcher:
     def dispatch(self, batch: BatchDescriptor) -> Dispatch:
         padded = self.pad(batch.num_tokens, batch.ubatch) if self.enabled else None
         if padded is None:
-            return Dispatch("none", batch.num_tokens, batch.ubatch)
+            return Dispatch("none", batch.num_tokens, batch)
         if self.full and batch.uniform_decode:
-            return Dispatch("full", padded, batch.ubatch)
+            return Dispatch("full", padded, batch)
         if self.piecewise:
-            return Dispatch("piecewise", padded, batch.ubatch)
-        return Dispatch("none", batch.num_tokens, batch.ubatch)
+            return Dispatch("piecewise", padded, batch)
+        return Dispatch("none", batch.num_tokens, batch)
 
     def disable_full(self, reason: str) -> None:
         logger.warning("full graphs disabled (%s); falling back to %s", reason,
                        "piecewise" if self.piecewise else "eager")
         self.full = False
-
-    def disable_piecewise(self, reason: str) -> None:
-        logger.warning("piecewise graphs disabled (%s); running the compiled pieces without graphs", reason)
-        self.piecewise = False

@@ -20,15 +20,12 @@ from runtime.platforms import Platform
 
 logger = logging.getLogger(__name__)
 
-GRAPH_RUNTIME_KEY = "graphs"  # forward-context extras key holding this step's GraphRuntime
-
-
 @dataclass
 class GraphRuntime:
-    """Per-model graph state a step carries in its forward context."""
+    """One graph slot's resources (pool, capture stream) and costs; a step carries its slot in the
+    forward context."""
     platform: Platform
     pool: Any
-    mode: str = "none"  # what this step replays: "none" | "piecewise" | "full"
     debug: bool = False
     # DBO micro-batch slot this runtime serves (None: whole steps). Each slot has its own graphs:
     # the two micro-batches of a step may have the same size and must not share output buffers.
@@ -104,11 +101,3 @@ def _check_addresses(name: str, size: int, expected: list[int], args: tuple[Any,
     if moved:
         raise RuntimeError(f"static graph {name} (size {size}): inputs {moved} changed address since capture; "
                            "a replay would read stale memory")
-
-
-def step_graph_runtime() -> GraphRuntime | None:
-    """The GraphRuntime of the step being run, if the runner set one in the forward context."""
-    from runtime.forward_context import current_forward_context
-
-    ctx = current_forward_context()
-    return ctx.extras.get(GRAPH_RUNTIME_KEY) if ctx is not None else None

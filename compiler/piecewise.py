@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import torch
 
-from compiler.graphs import StaticGraphRunner, step_graph_runtime
+from compiler.graphs import StaticGraphRunner
+from runtime.forward_context import current_forward_context
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,9 @@ class PiecewiseBackend:
 
     def __call__(self, *args: Any) -> Any:
         if self.graphs is not None:
-            runtime = step_graph_runtime()
-            if runtime is not None and runtime.mode == "piecewise":
-                return self.graphs(runtime, self.num_tokens(args), args)
+            ctx = current_forward_context()
+            if ctx is not None and ctx.graph_mode == "piecewise" and ctx.graph_runtime is not None:
+                return self.graphs(ctx.graph_runtime, self.num_tokens(args), args)
         return self._run(*args)
 
     def _run(self, *args: Any) -> Any:

@@ -117,11 +117,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, st
 
 def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
                compilation_config: CompilationConfig | None = None,
-               parallel: ParallelContext | None = None) -> LoadedModel:
+               parallel: ParallelContext | None = None, model_config: Any | None = None) -> LoadedModel:
     """Load a checkpoint directory or GGUF file into our implementation of its architecture
-    (this rank's shard of it when ``parallel`` spans several ranks)."""
+    (this rank's shard of it when ``parallel`` spans several ranks). ``model_config``: the
+    checkpoint's config when the caller already read it (reading a GGUF's config parses the file)."""
     ckpt = resolve_checkpoint(path)
-    config = load_config(ckpt)
+    config = model_config if model_config is not None else load_config(ckpt)
     torch_dtype = resolve_dtype(dtype, config)
     device = torch.device(device) if device is not None else current_platform.device()
     start = time.perf_counter()

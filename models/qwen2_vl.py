@@ -1,10 +1,10 @@
 """Qwen2-VL: the vision encoder (compiled on its own, tag ``encoder``) plus a Qwen2 decoder with M-RoPE.
 
 A step's tokens reach ``forward`` flattened, like every decoder here. Under the engine, the
-runner fills persistent ``StepBuffers`` every step (runtime/multimodal.py): the three-stream M-RoPE
+runner fills persistent ``StepBuffers`` every step (runtime/worker/multimodal.py): the three-stream M-RoPE
 positions of every token and which rows take encoder output. Used directly, ``forward`` takes
 [3, T] M-RoPE positions (1-D positions serve all three streams, which is what M-RoPE does for
-text) and a ``MultimodalStep`` in the forward context under ``MULTIMODAL_KEY``. Either way the
+text) and the step's image rows as a ``MultimodalStep`` argument. Either way the
 image rows are merged by the named ``graphmode::merge_image_embeddings`` op, which under the
 engine runs in every step (decode too), so it is inside every captured graph.
 """
@@ -26,9 +26,6 @@ from models.qwen2_vl_vision import DEFAULT_ENCODER_ATTENTION, VisionTransformer,
 from models.vision_merge import merge_image_embeddings
 from models.weights import StackedWeights, Target
 
-MULTIMODAL_KEY = "multimodal"  # forward-context extras key holding a MultimodalStep (explicit use)
-
-
 @dataclass
 class MultimodalStep:
     """Which of a step's T token rows take image embeddings, and those embeddings (dense, [T, hidden])."""
@@ -45,7 +42,7 @@ class MultimodalStep:
 
 @dataclass
 class StepBuffers:
-    """Persistent per-step inputs the runner fills in place (runtime/multimodal.py): static graphs
+    """Persistent per-step inputs the runner fills in place (runtime/worker/multimodal.py): static graphs
     read them at fixed addresses, and every step, decode included, runs the same merge."""
     mrope_by_token: torch.Tensor  # [max_tokens, 3] int64, read through mrope_positions(n)
     is_image: torch.Tensor  # [max_tokens] bool
@@ -154,24 +151,22 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         return self.model.visual
 
     def encode_images(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """Encoder output per image (eager entry point; the engine batches through runtime.encoder_runner)."""
+        """Encoder output per image (eager entry point; the engine batches through runtime.worker.encoder_runner)."""
         inputs = encoder_inputs(pixel_values, grids, self.merge_size)
         embeds = self.visual(inputs.pixel_values, inputs.position_ids, inputs.cu_seqlens)
         return list(embeds.split([t * h * w // self.merge_size ** 2 for t, h, w in grids]))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                images: MultimodalStep | None = None) -> torch.Tensor:
+        """``images``: the step's image rows when used directly (the engine fills ``step_buffers``)."""
         n = input_ids.shape[0]
         embeds = self.model.language_model.embed_tokens(input_ids)
         buffers = self.step_buffers
         if buffers is not None and positions.dim() == 1:  # under the engine
             embeds = merge_image_embeddings(embeds, buffers.is_image[:n], buffers.image_embeds[:n])
             return self.model.language_model(buffers.mrope_positions(n), buffers.inputs_embeds[:n].copy_(embeds))
-        from runtime.forward_context import current_forward_context
-
-        ctx = current_forward_context()
-        step: MultimodalStep | None = ctx.extras.get(MULTIMODAL_KEY) if ctx is not None else None
-        if step is not None:
-            embeds = merge_image_embeddings(embeds, step.is_image, step.image_embeds)
+        if images is not None:
+            embeds = merge_image_embeddings(embeds, images.is_image, images.image_embeds)
         # [3, T] positions are M-RoPE's; 1-D ones (text only) serve all three streams.
         mrope = positions if positions.dim() == 2 else positions.expand(3, -1).contiguous()
         return self.model.language_model(mrope, embeds)

@@ -10,6 +10,7 @@ where Pillow is installed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -113,10 +114,22 @@ class MultimodalPrompt:
 
 
 class Qwen2VLInputProcessor:
-    def __init__(self, config: Any, directory: str | None = None) -> None:
-        self.settings = ImageSettings.from_checkpoint(config.vision_config, directory)
+    def __init__(self, config: Any, directory: str | None = None, max_image_patches: int | None = None) -> None:
+        """``max_image_patches``: the largest image the engine takes (None: the checkpoint's max_pixels).
+        Larger images are resized down to it, as the processor does for its own max_pixels."""
+        settings = ImageSettings.from_checkpoint(config.vision_config, directory)
+        self.max_image_patches = max_image_patches or settings.max_pixels // settings.patch_size ** 2
+        self.settings = dataclasses.replace(settings, max_pixels=min(
+            settings.max_pixels, self.max_image_patches * settings.patch_size ** 2))
         self.image_token_id = config.image_token_id
         self.merge = self.settings.merge_size
+
+    def check(self, prompt: MultimodalPrompt) -> None:
+        """Each image must fit the largest encoder budget (what the start-up memory profile ran)."""
+        for i, image in enumerate(prompt.images):
+            if image.num_patches > self.max_image_patches:
+                raise ValueError(f"image {i} has {image.num_patches} patches; this engine takes at most "
+                                 f"{self.max_image_patches} per image (max_image_patches)")
 
     def process(self, token_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], MultimodalPrompt]:
         """Each image placeholder token (one per image, in order) becomes one token per merged patch."""

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.loader import build_model
+
 TINY_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
@@ -72,8 +74,6 @@ def llama_1b_config() -> Any:
 def build_random_model(config: Any, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
                        compilation_config: Any = None) -> nn.Module:
     """Our model for ``config`` with small random weights (for benchmarks: no checkpoint needed)."""
-    from models.loader import build_model
-
     torch.manual_seed(seed)
     model = build_model(config, dtype, device, init=True, compilation_config=compilation_config)
     with torch.no_grad():

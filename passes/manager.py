@@ -24,7 +24,7 @@ or with parameters as module constants.
 
 Usage (the compiler)::
 
-    pm = PassManager.from_names(config.passes, backend="eager")  # "default": default_pass_names(backend)
+    pm = PassManager.from_names(config.passes)  # "default": default_pass_names()
     gm = pm(gm)        # pm.match_counts: {pass name: matches}
     key = pm.uuid()    # part of the compile-cache key
 """
@@ -52,19 +52,15 @@ __all__ = ["GraphPass", "PASSES", "register_pass", "PassManager", "PassVerificat
 logger = logging.getLogger(__name__)
 
 
-# Backends that generate their own fused kernels: our fusions only hide elementwise chains from
-# them. Measured on the H100 (docs/perf.md): with Inductor the fusion passes cost 9.6 -> 14.3 ms per
-# decode step without graphs and 2.31 -> 2.60 ms with graphs, so "default" keeps only the clean-up.
-_FUSING_BACKENDS = ("inductor",)
-
-
-def default_pass_names(backend: str | None = None) -> list[str]:
+def default_pass_names(backend_fuses: bool = False) -> list[str]:
     """Clean-up first (patterns are matched on canonical graphs), then the fusions.
 
     qk-norm+rotary before rotary and the plain norm, add+norm before the plain norm: the longer
-    pattern must win where patterns overlap. For a backend that fuses on its own only the clean-up.
+    pattern must win where patterns overlap. A compile backend that generates its own fused kernels
+    (``backend_fuses``: Inductor) gets only the clean-up: our fusions would hide elementwise chains
+    from it (docs/perf.md, H100: 9.6 -> 14.3 ms per decode step without graphs, 2.31 -> 2.60 ms with).
     """
-    if backend in _FUSING_BACKENDS:
+    if backend_fuses:
         return ["noop_elimination"]
     return ["noop_elimination", "fuse_qk_norm_rotary", "fuse_rotary", "fuse_add_rms_norm", "fuse_rms_norm",
             "fuse_silu_mul"]
@@ -86,11 +82,11 @@ class PassManager:
 
     @classmethod
     def from_names(cls, names: Iterable[str], verify: bool = False, record: bool = False,
-                   backend: str | None = None) -> "PassManager":
-        """``"default"`` expands to :func:`default_pass_names` for ``backend``."""
+                   backend_fuses: bool = False) -> "PassManager":
+        """``"default"`` expands to :func:`default_pass_names` (which depends on ``backend_fuses``)."""
         expanded: list[str] = []
         for name in names:
-            expanded.extend(default_pass_names(backend) if name == "default" else [name])
+            expanded.extend(default_pass_names(backend_fuses) if name == "default" else [name])
         unknown = [name for name in expanded if name not in PASSES]
         if unknown:
             raise ValueError(f"unknown graph pass(es) {unknown}; known: {sorted(PASSES)} (or 'default')")

@@ -7,7 +7,7 @@ import sys
 
 from models.checkpoint import CheckpointError
 from models.default import DefaultModelMissing
-from runtime.sampling_params import SamplingParams
+from runtime.contracts.sampling_params import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from runtime.engine import LLM
+    from runtime import LLM
 
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,

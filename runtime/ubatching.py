@@ -20,7 +20,7 @@ With no collective in the forward (one device) there is nothing to yield at: :fu
 runs the micro-batches one after the other on the calling thread, same streams, no thread hand-off.
 
 Static graphs: a collective captured inside a graph replays without yielding (replay is one launch).
-Each micro-batch slot replays its own graphs from its own memory pool (runtime/graph_driver.py), so
+Each micro-batch slot replays its own graphs from its own memory pool (runtime/worker/graph_driver.py), so
 the two slots' graphs may run at the same time; overlap of collectives with graphs needs the
 collectives outside them: eager, or piecewise with the collective ops among ``splitting_ops``; a
 full graph of a micro-batch runs its collectives inside, in order.
@@ -116,16 +116,6 @@ class _Current(threading.local):
 
 
 _current = _Current()
-
-
-def current_ubatch() -> UBatchContext | None:
-    """The calling thread's micro-batch context; None outside a DBO step."""
-    return _current.ctx
-
-
-def current_ubatch_id() -> int | None:
-    ctx = _current.ctx
-    return ctx.ubatch if ctx is not None else None
 
 
 def run_collective(label: str, launch: Callable[[], Any]) -> None:

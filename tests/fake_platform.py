@@ -195,8 +195,8 @@ class FakePlatform(Platform):
 def _generate(path: str, config: dict) -> list[list[int]]:
     from compiler import CompilationConfig
     from models.loader import load_model
-    from runtime.engine import LLM
-    from runtime.sampling_params import SamplingParams
+    from runtime import LLM
+    from runtime.contracts.sampling_params import SamplingParams
 
     loaded = load_model(path, dtype="float32", device="cpu", compilation_config=CompilationConfig(**config))
     llm = LLM.from_loaded(loaded, max_num_seqs=4, max_model_len=128, num_kv_blocks=64, max_num_batched_tokens=32)

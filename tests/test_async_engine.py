@@ -3,10 +3,10 @@ import asyncio
 
 import pytest
 
-from runtime.async_engine import AsyncEngine, EngineDeadError
-from runtime.config import EngineConfig
-from runtime.engine import EngineCore
-from runtime.sampling_params import SamplingParams
+from runtime.engine.async_engine import AsyncEngine, EngineDeadError
+from runtime.contracts.config import EngineConfig
+from runtime.engine.core import EngineCore
+from runtime.contracts.sampling_params import SamplingParams
 
 
 @pytest.fixture()

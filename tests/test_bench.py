@@ -4,7 +4,7 @@ import json
 import pytest
 
 from models.testing import write_tiny_checkpoint
-from runtime import bench
+from runtime.bench import cli as bench
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -25,7 +25,7 @@ def test_latency_with_dbo_measures_off_and_on_on_one_engine(tmp_path, tp):
 
 def test_switching_dbo_on_needs_an_engine_started_with_it(tmp_path):
     from models.loader import load_model
-    from runtime.engine import LLM
+    from runtime import LLM
 
     path = write_tiny_checkpoint("LlamaForCausalLM", str(tmp_path / "ckpt"))
     llm = LLM.from_loaded(load_model(path, dtype="float32", device="cpu"), max_num_seqs=4, max_model_len=32,

@@ -7,8 +7,8 @@ from compiler import CompilationConfig, counters
 from models.loader import load_model
 from models.testing import write_tiny_checkpoint
 from passes.manager import default_pass_names
-from runtime.engine import LLM
-from runtime.sampling_params import SamplingParams
+from runtime import LLM
+from runtime.contracts.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -57,7 +57,7 @@ def test_tiny_qwen3_moe_compiled_equals_eager(tmp_path, backend):
     # The fusions named explicitly: "default" under Inductor is the clean-up alone (it fuses on its own),
     # and the fused ops must still compile with it when a user asks for them.
     compiled = load_model(path, dtype="float32", device="cpu", compilation_config=CompilationConfig(
-        mode="compile", backend=backend, passes=default_pass_names("eager")))
+        mode="compile", backend=backend, passes=default_pass_names()))
     assert _run(compiled, prompts) == eager
     assert counters.dynamo_traces == 1
     # Qwen3 attention: q/k RMSNorm + rotary fused per layer; layer 1 is dense (mlp_only_layers).

@@ -1,12 +1,12 @@
 """DBO through the engine (TP=1): greedy tokens identical with and without micro-batching."""
 import pytest
 
-import runtime.model_runner as model_runner
+import runtime.worker.model_runner as model_runner
 from compiler import CompilationConfig
 from models.loader import load_model
 from models.testing import write_tiny_checkpoint
-from runtime.engine import LLM
-from runtime.sampling_params import SamplingParams
+from runtime import LLM
+from runtime.contracts.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 # Long prompts are chunked by the 64-token budget, so prefill steps split (and cut a prompt in
@@ -19,7 +19,7 @@ def _generate(loaded, dbo, record=None):
     llm = LLM.from_loaded(loaded, max_num_seqs=32, max_model_len=128, num_kv_blocks=256, max_num_batched_tokens=64,
                           enable_dbo=dbo, dbo_decode_token_threshold=8, dbo_prefill_token_threshold=16)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.worker.runner
     assert llm.engine.kv_cache.num_used_blocks == 0
     if record is not None:
         record["dbo_steps"], record["steps"] = runner.dbo_steps, llm.engine.num_steps
@@ -60,7 +60,7 @@ def test_dbo_on_smollm2_matches_off(smollm2, smollm2_tokenizer):
                               max_num_batched_tokens=48, enable_dbo=dbo, dbo_decode_token_threshold=4,
                               dbo_prefill_token_threshold=16)
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)])
-        assert (llm.engine.runner.dbo_steps > 0) == dbo
+        assert (llm.engine.executor.worker.runner.dbo_steps > 0) == dbo
     assert runs[0] == runs[1]
 
 
@@ -83,7 +83,7 @@ def test_dbo_with_tensor_parallel_2_matches_tp1_and_interleaves(tmp_path, arch, 
                   compilation_config=cfg)
         try:
             tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-            stats = llm.engine.executor.dbo_stats()
+            stats = llm.engine.executor.call_workers("dbo_stats")
         finally:
             llm.engine.shutdown()
         assert tokens == reference

@@ -28,8 +28,8 @@ def main() -> None:
     from fake_platform import CALLS, CAPTURE_STREAMS, POOLS_USED
     from models.loader import load_model
     from models.testing import write_tiny_checkpoint
-    from runtime.engine import LLM
-    from runtime.sampling_params import SamplingParams
+    from runtime import LLM
+    from runtime.contracts.sampling_params import SamplingParams
 
     prompts = [[5, 9, 13, 2, 77], list(range(30, 60)), [101], [7, 7, 7]] + [[i, 3 * i % 250] for i in range(9)]
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
@@ -47,7 +47,7 @@ def main() -> None:
                                       max_num_batched_tokens=32, enable_dbo=dbo, dbo_decode_token_threshold=4,
                                       dbo_prefill_token_threshold=8)
                 captured = counters.graphs_captured
-                runner = llm.engine.runner
+                runner = llm.engine.executor.worker.runner
                 # Per capture: (its pool, its stream) as indices of the runner's pools / slot streams.
                 pools = [runner.graphs.runtime.pool, *(rt.pool for rt in runner.graphs.ubatch_runtimes)]
                 streams = [None, *runner.ubatch_streams]
@@ -56,7 +56,7 @@ def main() -> None:
                                     for pool, stream in zip(POOLS_USED, CAPTURE_STREAMS)})
                 tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
                 report[f"{name},{dbo}"] = dict(tokens=tokens, captured=captured, replays=counters.graph_replays,
-                                               dbo_steps=llm.engine.runner.dbo_steps,
+                                               dbo_steps=llm.engine.executor.worker.runner.dbo_steps,
                                                waits=CALLS["stream_wait_event"], placement=placement)
     json.dump(report, sys.stdout)
 

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from runtime.engine import LLM
-from runtime.sampling_params import SamplingParams
+from runtime import LLM
+from runtime.contracts.sampling_params import SamplingParams
 
 NUM_REQUESTS = 64
 MAX_MODEL_LEN = 1024
@@ -125,18 +125,18 @@ def test_kv_planning_on_a_full_device_names_what_holds_the_memory(monkeypatch):
     is in use and how to size the cache instead."""
     from types import SimpleNamespace
 
-    import runtime.engine as engine
-    from runtime.config import EngineConfig
+    import runtime.worker.kv_sizing as kv_sizing
+    from runtime.contracts.config import EngineConfig
     from runtime.platforms.base import MemoryInfo
 
     GiB = 1 << 30
     device = SimpleNamespace(supports_memory_profiling=True,
                              memory_info=lambda: MemoryInfo(free_bytes=10 * GiB, total_bytes=140 * GiB))
-    monkeypatch.setattr(engine, "current_platform", device)
+    monkeypatch.setattr(kv_sizing, "current_platform", device)
     runner = SimpleNamespace(bytes_per_block=lambda: 1 << 20, profile_peak_bytes=lambda: GiB // 4)
     config = EngineConfig(model="unused")
     with pytest.raises(RuntimeError, match=r"130\.0 GiB already in use on the device.*kv_cache_memory_gb"):
-        engine.plan_kv_blocks(config, runner)
+        kv_sizing.plan_kv_blocks(config, runner)
     # The same device with room: 85 % of 140 GiB minus 30 GiB in use minus the 0.25 GiB peak.
     device.memory_info = lambda: MemoryInfo(free_bytes=110 * GiB, total_bytes=140 * GiB)
-    assert engine.plan_kv_blocks(config, runner) == int(0.85 * 140 * 1024 - 30 * 1024 - 256)
+    assert kv_sizing.plan_kv_blocks(config, runner) == int(0.85 * 140 * 1024 - 30 * 1024 - 256)

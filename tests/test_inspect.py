@@ -13,7 +13,7 @@ import torch
 
 from compiler import CompilationConfig, counters
 from compiler.dump import GraphDump, graph_source
-from compiler.inspect.__main__ import main
+from compiler.inspect.cli import main
 from compiler.inspect.picture import dot_binary
 from compiler.split import node_target_name
 

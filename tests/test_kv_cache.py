@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from runtime.kv_cache import KVCacheManager
-from runtime.request import Request
+from runtime.engine.kv_cache import KVCacheManager
+from runtime.contracts.request import Request
 
 BS = 4
 

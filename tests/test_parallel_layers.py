@@ -7,7 +7,7 @@ from compiler.split import split_graph
 from models.loader import load_model
 from models.parallel_layers import check_shardable, even_shard, head_shards
 from models.testing import tiny_config, write_tiny_checkpoint
-from runtime.config import EngineConfig
+from runtime.contracts.config import EngineConfig
 from runtime.distributed.collectives import reduce_across
 from runtime.distributed.parallel_state import ParallelConfig, ParallelContext
 
@@ -36,7 +36,7 @@ def test_unshardable_layouts_are_clear_errors():
     with pytest.raises(ValueError, match="enable_expert_parallel needs tensor_parallel_size >= 2"):
         EngineConfig(enable_expert_parallel=True)
     with pytest.raises(ValueError, match="pass a checkpoint path"):
-        from runtime.engine import EngineCore
+        from runtime.engine.core import EngineCore
         EngineCore(EngineConfig(tensor_parallel_size=2), loaded=object())
 
 

@@ -11,7 +11,7 @@ import torch
 from compiler import CompilationConfig, counters
 from models.loader import load_model
 from models.mrope import prompt_positions
-from models.qwen2_vl import MULTIMODAL_KEY, MultimodalStep
+from models.qwen2_vl import MultimodalStep
 from models.vision_testing import TINY_IMAGE_TOKEN as IMG, TINY_VISION_END as VE, TINY_VISION_START as VS
 from models.vision_testing import write_tiny_qwen2_vl_checkpoint
 from runtime.attention.kv_tensors import allocate_kv_caches
@@ -54,8 +54,8 @@ def _our_logits(model, ids, pixels, grids):
     step = MultimodalStep.from_rows(rows, torch.cat(model.encode_images(pixels, grids)), len(ids))
     kv = allocate_kv_caches(model, 8, 16, torch.float32, "cpu")
     md = AttentionMetadata.build([len(ids)], [len(ids)], [[0, 1, 2, 3]], 16)
-    with torch.inference_mode(), set_forward_context(md, kv, **{MULTIMODAL_KEY: step}):
-        return model.compute_logits(model(torch.tensor(ids), positions))
+    with torch.inference_mode(), set_forward_context(md, kv):
+        return model.compute_logits(model(torch.tensor(ids), positions, images=step))
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -87,7 +87,7 @@ def _image(h, w, seed):
 
 @pytest.fixture(scope="module")
 def compiled_llm(checkpoint, tmp_path_factory):
-    from runtime.engine import LLM
+    from runtime import LLM
 
     dump = str(tmp_path_factory.mktemp("dumps"))
     # 16-token steps: a two-image prompt (25 tokens) is prefilled in two chunks.
@@ -97,18 +97,18 @@ def compiled_llm(checkpoint, tmp_path_factory):
 
 
 def test_engine_greedy_matches_transformers_generate_with_chunked_prefill(compiled_llm, hf_model):
-    from runtime.sampling_params import SamplingParams
+    from runtime.contracts.sampling_params import SamplingParams
 
     llm, _ = compiled_llm
     images = [_image(56, 84, 0), _image(112, 56, 1)]
     prompts = [{"prompt": [5, 6, VS, IMG, VE, 7, 8, VS, IMG, VE, 9], "images": images},
                {"prompt": [3, VS, IMG, VE, 4], "images": images[1:]},
                [10, 11, 12]]
-    encoder = llm.engine.runner.multimodal.encoder
+    encoder = llm.engine.executor.worker.runner.multimodal.encoder
     runs_before = encoder.runs
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     assert encoder.runs - runs_before == 2, "each image request runs the encoder once, whatever its chunks"
-    assert not llm.engine.runner.multimodal.cache, "encoder outputs are dropped once the prefill passed them"
+    assert not llm.engine.executor.worker.runner.multimodal.cache, "encoder outputs are dropped once the prefill passed them"
     for prompt, out in zip(prompts, outs):
         if isinstance(prompt, dict):
             ids, mm = llm.engine.input_processor.process(prompt["prompt"], prompt["images"])
@@ -134,7 +134,7 @@ def test_encoder_and_decoder_have_separate_traces_and_dumps(compiled_llm):
     assert [m["tag"] for m in manifests.values()] == ["decoder", "encoder"]
     by_tag = manifests["decoder"]["counters"]["traces_by_tag"]  # snapshot when the decoder was traced
     assert by_tag["decoder"] >= 1 and by_tag["encoder"] >= 1
-    runner = llm.engine.runner.multimodal.encoder
+    runner = llm.engine.executor.worker.runner.multimodal.encoder
     traces, encoder_traces = counters.dynamo_traces, counters.traces_by_tag["encoder"]
     for i, (h, w) in enumerate([(56, 56), (56, 112), (84, 140), (112, 112), (28 * 6, 28 * 4)]):
         pixels = _pixels([(1, h // 14, w // 14)], seed=i)
@@ -152,7 +152,7 @@ def test_image_request_errors(compiled_llm):
     assert mm.images[0].num_patches <= 256, "an image above max_image_patches is resized down to it"
     too_big = dataclasses.replace(mm.images[0], pixel_values=torch.zeros(1600, PATCH_DIM), grid=(1, 40, 40))
     with pytest.raises(ValueError, match="max_image_patches"):
-        llm.engine.runner.multimodal.check(dataclasses.replace(mm, images=[too_big]))
+        llm.engine.input_processor.check(dataclasses.replace(mm, images=[too_big]))
 
 
 def test_encoder_compilation_off_leaves_decoder_compiled(checkpoint):
@@ -167,7 +167,7 @@ def test_memory_profile_runs_encoder_at_largest_budget_and_the_merge(compiled_ll
     import models.qwen2_vl as qwen2_vl
 
     llm, _ = compiled_llm
-    runner = llm.engine.runner
+    runner = llm.engine.executor.worker.runner
     encoder_batches, merged_rows = [], []
     run = runner.multimodal.encoder.run
     monkeypatch.setattr(runner.multimodal.encoder, "run",

@@ -21,8 +21,8 @@ def main() -> None:
     from compiler import CompilationConfig, counters
     from models.vision_testing import (TINY_IMAGE_TOKEN, TINY_VISION_END, TINY_VISION_START,
                                        write_tiny_qwen2_vl_checkpoint)
-    from runtime.engine import LLM
-    from runtime.sampling_params import SamplingParams
+    from runtime import LLM
+    from runtime.contracts.sampling_params import SamplingParams
 
     path = write_tiny_qwen2_vl_checkpoint(tempfile.mkdtemp())
     g = torch.Generator().manual_seed(0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.sampler import Sampler, SamplingBatch, make_generator
-from runtime.sampling_params import SamplingParams
+from runtime.worker.sampler import Sampler, SamplingBatch, make_generator
+from runtime.contracts.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from runtime.kv_cache import KVCacheManager
-from runtime.request import Request, RequestStatus
-from runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from runtime.engine.kv_cache import KVCacheManager
+from runtime.contracts.request import Request, RequestStatus
+from runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 BS = 4
 EOS = 2
@@ -400,6 +400,6 @@ def test_older_long_prefill_does_not_starve_newer_decodes() -> None:
 
 @pytest.mark.parametrize("remaining", [[], [1], [5], [1, 5, 1, 1, 3, 1], [7, 7, 1], [1] * 9])
 def test_decodes_after_counts_the_decoding_requests_behind_each(remaining):
-    from runtime.scheduler import _decodes_after
+    from runtime.engine.scheduler import _decodes_after
 
     assert _decodes_after(remaining) == [sum(1 for r in remaining[j + 1:] if r == 1) for j in range(len(remaining))]

@@ -171,7 +171,7 @@ class _StubEngine:
         self.is_alive = alive
 
     def stats(self):
-        from runtime.async_engine import EngineStats
+        from runtime.engine.async_engine import EngineStats
 
         return EngineStats(0, 0, 0.0, 0, 8, 0.0, 0)
 

@@ -35,8 +35,8 @@ def client(checkpoint):
 
 def _offline_greedy(checkpoint: str, max_tokens: int) -> tuple[list[int], int]:
     """The same request through the offline engine: (completion token ids, prompt length)."""
-    from runtime.engine import LLM
-    from runtime.sampling_params import SamplingParams
+    from runtime import LLM
+    from runtime.contracts.sampling_params import SamplingParams
 
     llm = LLM(checkpoint, dtype="float32", max_image_patches=256, max_model_len=512, max_num_seqs=2)
     text = llm.tokenizer.apply_chat_template([{"role": "user", "content": "What is this?<|vision_start|>"

@@ -13,9 +13,9 @@ import pytest
 from safetensors.torch import save_file
 
 from models.testing import write_tiny_checkpoint
-from runtime.distributed.executor import WorkerError
-from runtime.engine import LLM
-from runtime.sampling_params import SamplingParams
+from runtime import LLM
+from runtime.engine.executor import WorkerError
+from runtime.contracts.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 PIECEWISE = {"mode": "compile", "backend": "eager", "graph_mode": "piecewise"}
@@ -144,13 +144,13 @@ def test_shutdown_stops_every_worker_cleanly(llama_dir):
 
 
 def test_a_failing_worker_reports_its_error_and_the_engine_stops_all(llama_dir, monkeypatch):
-    from runtime.distributed import worker
+    from runtime.worker.worker import Worker
 
     def plan(self):
         if self.rank == 1:
             raise RuntimeError("no memory for the KV cache on this rank")
         return 64
 
-    monkeypatch.setattr(worker._Worker, "plan", plan)  # workers are forked on CPU: they see the patch
-    with pytest.raises(WorkerError, match="rank 1 failed during 'plan': RuntimeError: no memory for the KV cache"):
+    monkeypatch.setattr(Worker, "plan_kv_blocks", plan)  # workers are forked on CPU: they see the patch
+    with pytest.raises(WorkerError, match="rank 1 failed during 'plan_kv_blocks': RuntimeError: no memory for the KV cache"):
         LLM(llama_dir, tensor_parallel_size=2, **ENGINE)

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from compiler.config import CompilationConfig
-from compiler.dispatcher import BatchDescriptor, GraphDispatcher
+from compiler.dispatcher import GraphDispatcher
+from runtime.forward_context import BatchDescriptor
 from runtime.attention import torch_backend
 from runtime.attention.metadata import AttentionMetadata
-from runtime.config import EngineConfig
-from runtime.ubatch_split import DBOThresholds, UBatchSlice, cuts_a_request, plan_ubatches, slice_lens
+from runtime.contracts.config import EngineConfig
+from runtime.worker.ubatch_split import DBOThresholds, UBatchSlice, cuts_a_request, plan_ubatches, slice_lens
 
 T = DBOThresholds(decode_tokens=4, prefill_tokens=16)
 

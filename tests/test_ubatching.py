@@ -8,9 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from compiler.graphs import GraphRuntime, StaticGraphRunner
-from runtime.forward_context import current_forward_context, get_forward_context, set_forward_context
+from runtime.forward_context import BatchDescriptor, current_forward_context, get_forward_context, set_forward_context
 from runtime import ubatching
-from runtime.ubatching import (UBatchError, YieldPoint, current_ubatch_id, run_collective, run_in_turn,
+from runtime.ubatching import (UBatchError, YieldPoint, run_collective, run_in_turn,
                                run_ubatches)
 
 
@@ -39,7 +39,6 @@ def test_outside_dbo_run_collective_launches_and_waits_at_once():
     run_collective("x", lambda: log.append("launch") or _Handle(log, None))
     run_collective("y", lambda: None)  # completed synchronously: nothing to wait on
     assert log == ["launch", ("wait", None)]
-    assert current_ubatch_id() is None
 
 
 def test_micro_batches_alternate_around_every_collective():
@@ -104,15 +103,15 @@ def test_forward_context_is_per_thread_and_per_micro_batch():
 
     def micro_batch(i):
         assert current_forward_context() is None  # the caller's context does not leak into the thread
-        with set_forward_context(None, {}, ubatch_id=i):
+        with set_forward_context(None, {}, batch_descriptor=BatchDescriptor(8, True, ubatch=i)):
             run_collective("c", lambda: None)  # the sibling sets its own context meanwhile
-            seen.append((current_ubatch_id(), get_forward_context().extras["ubatch_id"]))
+            seen.append(get_forward_context().batch_descriptor.ubatch)
 
-    with set_forward_context(None, {}, whole=True) as outer:
+    with set_forward_context(None, {}) as outer:
         run_ubatches([lambda: micro_batch(0), lambda: micro_batch(1)],
                      thread_setup=lambda: contextlib.nullcontext())
         assert get_forward_context() is outer
-    assert seen == [(0, 0), (1, 1)]
+    assert seen == [0, 1]
     t = threading.Thread(target=lambda: seen.append(current_forward_context()))
     t.start()
     t.join()

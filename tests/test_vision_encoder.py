@@ -15,7 +15,7 @@ from models.vision_images import ImageError, decode_data_url, decode_png, encode
 from models.vision_testing import tiny_qwen2_vl_config
 from runtime.attention.encoder_attention import (ENCODER_ATTENTION_BACKENDS, block_diagonal_mask,
                                                  reference_packed_attention)
-from runtime.encoder_runner import EncoderRunner, patch_budgets
+from runtime.worker.encoder_runner import EncoderRunner, patch_budgets
 
 LENGTHS = [7, 16, 1, 30]  # packed images (frames) of different sizes, one of a single patch
 
@@ -94,7 +94,7 @@ SIZES = [(2, 2), (4, 6), (8, 4), (6, 10), (12, 12)]  # patches per side: 5 image
 
 
 def test_padded_budgets_match_exact_size_and_never_retrace(monkeypatch, caplog):
-    import runtime.encoder_runner as er
+    import runtime.worker.encoder_runner as er
 
     monkeypatch.setattr(er, "current_platform", _GraphlessPlatform(er.current_platform))
     encoder = _encoder(capture_sizes=[32, 64])
@@ -116,7 +116,7 @@ def test_padded_budgets_match_exact_size_and_never_retrace(monkeypatch, caplog):
 
 
 def test_two_images_packed_in_one_padded_batch_stay_apart(monkeypatch):
-    import runtime.encoder_runner as er
+    import runtime.worker.encoder_runner as er
 
     monkeypatch.setattr(er, "current_platform", _GraphlessPlatform(er.current_platform))
     encoder = _encoder()
@@ -129,7 +129,7 @@ def test_two_images_packed_in_one_padded_batch_stay_apart(monkeypatch):
 
 
 def test_cpu_encoder_graph_mode_degrades_with_one_log_line(caplog):
-    with caplog.at_level(logging.INFO, logger="runtime.encoder_runner"):
+    with caplog.at_level(logging.INFO, logger="runtime.worker.encoder_runner"):
         runner = EncoderRunner(_encoder(), max_patches=64, device=torch.device("cpu"))
     assert runner.graphs is None and "no static graphs" in caplog.text
 
@@ -142,7 +142,8 @@ def test_default_budgets_are_merge_block_multiples_up_to_the_largest_image():
 # ---- preprocessing and image files ------------------------------------------------------------
 def test_preprocess_matches_transformers_processor_without_resize():
     pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
-                              reason="transformers' Qwen2-VL processors need Pillow or torchvision")
+                              reason="transformers' Qwen2-VL processors need Pillow or torchvision",
+                              exc_type=ImportError)  # transformers raises ImportError, not ModuleNotFound
     image = torch.randint(0, 256, (56, 84, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ref = pil.Qwen2VLImageProcessorPil()(images=[image.numpy()], return_tensors="pt")
     ours = preprocess_image(image, ImageSettings())
@@ -207,7 +208,7 @@ def test_png_decoder_reads_every_row_filter_and_data_urls():
 def test_mm_encoder_bench_runs_every_backend_and_mode(tmp_path, capsys):
     import json
 
-    from runtime.bench import main
+    from runtime.bench.cli import main
 
     out = tmp_path / "mm.json"
     assert main(["mm-encoder", "--image-sizes", "56x56,84x112", "--iters", "1", "--warmup", "0",

@@ -16,6 +16,7 @@ from typing import Any
 
 import networkx as nx
 
+from compiler.inspect.analysis import is_custom_op
 from compiler.inspect.reader import DumpError, Tag
 
 PALETTE = ["#dbe9ff", "#dff5e1", "#fff2cc", "#e8e0ff", "#d9f3f5", "#fde2cf", "#eaf1d4", "#f3dcec"]
@@ -48,8 +49,6 @@ def _cluster_label(piece: dict[str, Any], g: nx.DiGraph) -> str:
 
 
 def to_dot(tag: Tag, g: nx.DiGraph, pieces: list[dict[str, Any]] | None = None) -> str:
-    from compiler.inspect.analysis import is_custom_op
-
     pieces = tag.pieces if pieces is None else pieces
     n_ops = sum(1 for _, d in g.nodes(data=True) if d.get("piece") is not None)
     lines = [f"digraph {_q(tag.name)} {{",
@@ -167,8 +166,6 @@ def _place(g: nx.DiGraph, layers: list[list[str]]) -> dict[str, float]:
 
 
 def builtin_svg(tag: Tag, g: nx.DiGraph, pieces: list[dict[str, Any]] | None = None) -> str:
-    from compiler.inspect.analysis import is_custom_op
-
     pos: dict[str, tuple[float, float]] = {}
     clusters, y, right = [], PAD + 10, 0.0
     for piece in tag.pieces if pieces is None else pieces:

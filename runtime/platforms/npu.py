@@ -18,6 +18,7 @@ import torch
 import torch_npu  # noqa: F401 - registers torch.npu and the "npu" device type
 
 from runtime.platforms.base import MemoryInfo, Platform
+from runtime.platforms.npu_kernels import KERNELS
 
 # Compile backends through torchair (torch_npu's torch.compile backend) -> torchair CompilerConfig.mode.
 # "max-autotune" lowers to an Ascend IR (GE) graph; "reduce-overhead" makes torchair capture ACL
@@ -108,8 +109,6 @@ class NpuPlatform(Platform):
 
     # ---- kernels, attention, compile backends ---------------------------------------------
     def op_kernel(self, op_name: str) -> Callable[..., Any] | None:
-        from runtime.platforms.npu_kernels import KERNELS
-
         return KERNELS.get(op_name)
 
     def extra_attention_backends(self) -> dict[str, str]:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch_npu
 
+from runtime.platforms import current_platform  # the NpuPlatform: this backend is only selected there
+
 __all__ = ["store_kv", "paged_attention"]
 
 # sparse_mode 3 (causal, aligned to the bottom-right) takes this compressed mask (torch_npu docs).
@@ -70,8 +72,6 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, 
     if sliding_window is not None and sliding_window > 0:
         raise ValueError("the NPU attention backend has no sliding-window path yet; "
                          "set GRAPHMODE_ATTENTION_BACKEND=torch for this model")
-    from runtime.platforms import current_platform  # the NpuPlatform: this backend is only selected there
-
     graph = current_platform.capturing_graph()
     if graph is not None:
         _capture_decode(graph, current_platform.graph_update_stream(), query, kv_cache, metadata, scale, out)

@@ -108,9 +108,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _build_engine(args: argparse.Namespace):
-    from runtime.async_engine import AsyncEngine
-    from runtime.config import EngineConfig
-    from runtime.engine import EngineCore
+    from runtime.engine.async_engine import AsyncEngine
+    from runtime.contracts.config import EngineConfig
+    from runtime.engine.core import EngineCore
 
     config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,

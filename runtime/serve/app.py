@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from runtime.async_engine import AsyncEngine
+from runtime.engine.async_engine import AsyncEngine
 from runtime.serve.chat import ChatEndpoint
 from runtime.serve.completions import CompletionsEndpoint
 from runtime.serve.errors import APIError, bad_request, error_response, install_error_handlers

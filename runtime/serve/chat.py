@@ -7,7 +7,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from runtime.outputs import RequestOutput
+from runtime.engine.outputs import RequestOutput
 from runtime.serve.errors import bad_request
 from runtime.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatStreamChoice)

@@ -7,7 +7,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from runtime.outputs import RequestOutput
+from runtime.engine.outputs import RequestOutput
 from runtime.serve.preprocess import DEFAULT_COMPLETION_MAX_TOKENS
 from runtime.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from runtime.serve.serving import ServingBase, error_event

@@ -14,8 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from compiler.counters import counters as compiler_counters
-from runtime.async_engine import AsyncEngine
-from runtime.outputs import RequestOutput
+from runtime.engine.async_engine import AsyncEngine
+from runtime.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 

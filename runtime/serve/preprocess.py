@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.async_engine import AsyncEngine
-from runtime.sampling_params import SamplingParams
+from runtime.engine.async_engine import AsyncEngine
+from runtime.contracts.sampling_params import SamplingParams
 from runtime.serve.errors import APIError, bad_request, from_sampling_error
 from runtime.serve.images import decode_images, image_placeholder
 from runtime.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest

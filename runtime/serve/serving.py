@@ -8,9 +8,9 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from runtime.async_engine import AsyncEngine, EngineDeadError
-from runtime.outputs import RequestOutput
-from runtime.sampling_params import SamplingParams
+from runtime.engine.async_engine import AsyncEngine, EngineDeadError
+from runtime.engine.outputs import RequestOutput
+from runtime.contracts.sampling_params import SamplingParams
 from runtime.serve.errors import APIError, bad_request
 from runtime.serve.metrics import ServerMetrics
 from runtime.serve.preprocess import Preprocessor, Prompt

@@ -10,8 +10,8 @@ if not torch.cuda.is_available():
 
 from compiler import CompilationConfig, counters  # noqa: E402
 from models.loader import load_model  # noqa: E402
-from runtime.engine import LLM  # noqa: E402
-from runtime.sampling_params import SamplingParams  # noqa: E402
+from runtime import LLM  # noqa: E402
+from runtime.contracts.sampling_params import SamplingParams  # noqa: E402
 
 SIZES = [1, 2, 4, 8, 16, 32]
 MODES = {
@@ -48,7 +48,7 @@ def results(smollm2_path):
             prompts, params = _workload(loaded.config.vocab_size)
             tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
             out[name, dbo] = dict(tokens=tokens, captured=captured, replays=counters.graph_replays,
-                                  dbo_steps=llm.engine.runner.dbo_steps,
+                                  dbo_steps=llm.engine.executor.worker.runner.dbo_steps,
                                   free=llm.engine.kv_cache.num_used_blocks == 0)
             del llm, loaded
             torch.cuda.empty_cache()

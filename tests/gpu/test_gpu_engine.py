@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
 from models.loader import load_model  # noqa: E402
 from models.testing import build_random_model, llama_1b_config  # noqa: E402
 from runtime.attention.op import BACKEND_ENV  # noqa: E402
-from runtime.engine import LLM  # noqa: E402
-from runtime.sampling_params import SamplingParams  # noqa: E402
+from runtime import LLM  # noqa: E402
+from runtime.contracts.sampling_params import SamplingParams  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,",
            "Once upon a time, in a land far away, there lived a", "The quick brown fox", "Water boils at",

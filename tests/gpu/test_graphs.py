@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
 
 from compiler import CompilationConfig, counters  # noqa: E402
 from models.loader import load_model  # noqa: E402
-from runtime.engine import LLM  # noqa: E402
-from runtime.sampling_params import SamplingParams  # noqa: E402
+from runtime import LLM  # noqa: E402
+from runtime.contracts.sampling_params import SamplingParams  # noqa: E402
 
 SIZES = [1, 2, 4, 8, 16, 32]
 # The graph modes run without the fusion passes: graphs must replay exactly what the same code

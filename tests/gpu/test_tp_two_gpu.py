@@ -14,8 +14,8 @@ if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
     pytest.skip("needs 2 CUDA devices", allow_module_level=True)
 
 from models.testing import llama_1b_config, save_random_checkpoint  # noqa: E402
-from runtime.engine import LLM  # noqa: E402
-from runtime.sampling_params import SamplingParams  # noqa: E402
+from runtime import LLM  # noqa: E402
+from runtime.contracts.sampling_params import SamplingParams  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,",
            "Once upon a time, in a land far away, there lived a", "The quick brown fox", "Water boils at",

@@ -15,9 +15,9 @@ from models.testing import build_random_model  # noqa: E402
 from models.vision_testing import (TINY_IMAGE_TOKEN, TINY_VISION_END, TINY_VISION_START,  # noqa: E402
                                    qwen2_vl_2b_config, qwen2_vl_2b_vision_config, write_tiny_qwen2_vl_checkpoint)
 from runtime.attention.encoder_attention import ENCODER_ATTENTION_BACKENDS, reference_packed_attention  # noqa: E402
-from runtime.encoder_runner import EncoderRunner  # noqa: E402
-from runtime.engine import LLM  # noqa: E402
-from runtime.sampling_params import SamplingParams  # noqa: E402
+from runtime.worker.encoder_runner import EncoderRunner  # noqa: E402
+from runtime import LLM  # noqa: E402
+from runtime.contracts.sampling_params import SamplingParams  # noqa: E402
 
 DEVICE = torch.device("cuda")
 
@@ -84,7 +84,7 @@ def test_qwen2_vl_with_decoder_and_encoder_graphs_matches_eager(tmp_path):
     llm = LLM(path, compilation_config=graphs, **common)
     captured = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in captured] == [o.outputs[0].token_ids for o in eager]
-    assert llm.engine.runner.multimodal.encoder.graphs.entries, "the encoder ran from its captured graphs"
+    assert llm.engine.executor.worker.runner.multimodal.encoder.graphs.entries, "the encoder ran from its captured graphs"
     assert counters.graph_replays > 0
 
 
@@ -96,7 +96,7 @@ def test_memory_profile_leaves_room_for_the_largest_image():
     loaded = LoadedModel(model, config, None, torch.bfloat16, DEVICE)
     llm = LLM.from_loaded(loaded, max_num_seqs=4, max_num_batched_tokens=8192, max_model_len=16384,
                           max_image_patches=5120, gpu_memory_utilization=0.92)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.worker.runner
     assert runner.multimodal.max_image_patches == 5120
     image = torch.randint(0, 256, (1792, 1792, 3), dtype=torch.uint8)  # resized to the largest allowed size
     prompt = [1, config.vision_start_token_id, config.image_token_id, config.vision_end_token_id, 2]

@@ -6,10 +6,11 @@ workers' pipes together with their process sentinels, so a rank that dies (kille
 out of memory) or reports an error turns into a ``WorkerError`` within one poll, and a rank that
 hangs (a peer stuck inside NCCL) into one after the step timeout. Then every worker is stopped
 and the engine refuses further calls. Steps cost one pickled ``StepMessage`` per rank out (a delta,
-runtime/distributed/step_sync.py) and one small result back.
+runtime/worker/step_sync.py) and one small result back.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import socket
@@ -18,9 +19,13 @@ import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from runtime.distributed.step_sync import StepEncoder
-from runtime.distributed.worker import WorkerSpec, worker_main
+from runtime.contracts.runner_output import StepResult
+from runtime.contracts.scheduler_output import SchedulerOutput
+from runtime.engine.executor import Executor, WorkerError
 from runtime.platforms import current_platform
+from runtime.worker.step_sync import StepEncoder
+from runtime.worker.worker import WorkerSpec
+from runtime.worker.worker_process import worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +33,6 @@ STARTUP_TIMEOUT_S = 1800.0  # load + compile + capture on the slowest rank
 STEP_TIMEOUT_S = 600.0  # a step may compile a new size (inductor's first compile is slow)
 _STOP_GRACE_S = 5.0
 _DEATH_GRACE_S = 0.5  # how long a peer's failure report waits for news of a dead rank
-
-
-class WorkerError(RuntimeError):
-    """A tensor-parallel worker died, failed or stopped answering; the engine cannot go on."""
 
 
 def _free_port() -> int:
@@ -61,9 +62,10 @@ def _stop(procs: list[mp.Process], conns: list[Connection]) -> None:
         conn.close()
 
 
-class MultiprocExecutor:
-    def __init__(self, config: Any, max_model_len: int) -> None:
-        world = config.tensor_parallel_size
+class MultiprocExecutor(Executor):
+    def __init__(self, spec: WorkerSpec) -> None:
+        """``spec``: what every rank shares; each worker gets a copy with its own rank."""
+        world = spec.config.tensor_parallel_size
         ctx = mp.get_context(current_platform.worker_start_method)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.world_size = world
@@ -74,8 +76,8 @@ class MultiprocExecutor:
         level = logging.getLogger().getEffectiveLevel()
         for rank in range(world):
             ours, theirs = ctx.Pipe(duplex=True)
-            spec = WorkerSpec(config, max_model_len, rank, world, init_method, level)
-            proc = ctx.Process(target=worker_main, args=(spec, theirs), name=f"graphmode-tp{rank}", daemon=True)
+            rank_spec = dataclasses.replace(spec, rank=rank, world_size=world, init_method=init_method, log_level=level)
+            proc = ctx.Process(target=worker_main, args=(rank_spec, theirs), name=f"graphmode-tp{rank}", daemon=True)
             proc.start()
             theirs.close()
             self._conns.append(ours)
@@ -83,7 +85,7 @@ class MultiprocExecutor:
         self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns)
         logger.info("started %d tensor-parallel workers (pids %s)", world, [p.pid for p in self._procs])
         self._gather(STARTUP_TIMEOUT_S, "start-up")
-        plans = self._call("plan", (), STARTUP_TIMEOUT_S)
+        plans = self._call("plan_kv_blocks", (), STARTUP_TIMEOUT_S)
         # Ranks may hold different KV head counts (uneven head shards) and different free memory:
         # every rank must fit the same number of blocks, so the smallest plan wins.
         self.num_kv_blocks = min(plans)
@@ -95,23 +97,10 @@ class MultiprocExecutor:
     def pids(self) -> list[int]:
         return [proc.pid for proc in self._procs]
 
-    def set_seed(self, request_id: str, seed: int) -> None:
-        self._encoder.set_seed(request_id, seed)
-
-    def execute(self, output: Any) -> Any:
-        """One step on every rank; rank 0's ``StepResult``."""
+    def execute(self, output: SchedulerOutput) -> StepResult:
         return self._call("execute", (self._encoder.encode(output),), STEP_TIMEOUT_S)[0]
 
-    def dbo_stats(self) -> list[tuple[int, list[Any]]]:
-        """Per rank: DBO steps run and the last DBO step's yield points (runtime/ubatching.py)."""
-        return self._call("dbo_stats", (), STEP_TIMEOUT_S)
-
-    def runner_info(self, names: list[str]) -> list[dict[str, Any]]:
-        """Every rank's runner attributes ``names`` (dotted; methods are called) and compiler counters."""
-        return self._call("runner_info", (list(names),), STEP_TIMEOUT_S)
-
     def call_workers(self, method: str, *args: Any) -> list[Any]:
-        """Every rank's ``method(*args)`` on its worker (e.g. "profile_start"); results by rank."""
         return self._call(method, args, STEP_TIMEOUT_S)
 
     def shutdown(self) -> None:

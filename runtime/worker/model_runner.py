@@ -13,24 +13,19 @@ from compiler.config import CompilationConfig
 from compiler.dispatcher import Dispatch
 from runtime.attention.kv_tensors import allocate_kv_caches, kv_bytes_per_block
 from runtime.attention.metadata import AttentionMetadata
-from runtime.forward_context import set_forward_context
-from runtime.graph_driver import GraphDriver
+from runtime.contracts.runner_output import StepResult
+from runtime.contracts.config import DBOThresholds
+from runtime.contracts.scheduler_output import ScheduledRequest, SchedulerOutput
+from runtime.forward_context import BatchDescriptor, set_forward_context
 from runtime.platforms import current_platform
-from runtime.sampler import Sampler, SamplingBatch
-from runtime.scheduler import ScheduledRequest, SchedulerOutput
-from runtime.ubatch_split import DBOThresholds, UBatchSlice, cuts_a_request, plan_ubatches, slice_lens
 from runtime.ubatching import NUM_UBATCHES, UBatchThreads, YieldPoint, run_in_turn
+from runtime.worker.graph_driver import GraphDriver
+from runtime.worker.sampler import Sampler, SamplingBatch
+from runtime.worker.ubatch_split import UBatchSlice, cuts_a_request, plan_ubatches, slice_lens
 
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
-
-
-@dataclass
-class StepResult:
-    sampled: dict[str, int]
-    # request id -> (sampled token logprob, [(token, logprob), ...] top entries or None)
-    logprobs: dict[str, tuple[float, list[tuple[int, float]] | None]]
 
 
 @dataclass
@@ -79,7 +74,7 @@ class ModelRunner:
         self.buffers = InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
         self.sampler = Sampler()
         self.kv_caches: dict[str, torch.Tensor] = {}
-        self.multimodal = None  # runtime.multimodal.MultimodalRunner, set by attach_multimodal for vision models
+        self.multimodal = None  # runtime.worker.multimodal.MultimodalRunner, set by attach_multimodal for vision models
         # DBO: each micro-batch slot has its own persistent buffers (graph inputs keep their addresses
         # whatever the split), its own stream (None where the platform has none) and its own graphs.
         self.dbo_thresholds = dbo  # what the DBO slots below were built for
@@ -166,8 +161,9 @@ class ModelRunner:
             query_start_loc=buf.query_start_loc[: seqs + 1], num_actual_tokens=size,
             max_query_len=size - seqs + 1, max_seq_len=size - seqs + 1, block_size=self.block_size,
             query_lens_cpu=[1] * (seqs - 1) + [size - seqs + 1], seq_lens_cpu=[1] * (seqs - 1) + [size - seqs + 1])
-        with set_forward_context(md, self.kv_caches, **self.graphs.context_extras(ubatch)):
-            self.graphs.run(Dispatch(mode, size, ubatch), buf.input_ids[:size], buf.positions[:size])
+        dispatch = Dispatch(mode, size, BatchDescriptor(size, mode == "full", ubatch))
+        with self.graphs.forward_context(md, self.kv_caches, dispatch):
+            self.graphs.run(dispatch, buf.input_ids[:size], buf.positions[:size])
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size, self.dtype, self.device)
@@ -239,7 +235,7 @@ class ModelRunner:
         """One forward over the step; hidden states and each request's last token row."""
         md, dispatch = self._fill(host, self.buffers)
         padded = dispatch.padded_tokens
-        with set_forward_context(md, self.kv_caches, **self.graphs.context_extras()):
+        with self.graphs.forward_context(md, self.kv_caches, dispatch):
             hidden = self.graphs.run(dispatch, self.buffers.input_ids[:padded], self.buffers.positions[:padded])
         return hidden, md.query_start_loc[1:].long() - 1
 
@@ -255,7 +251,7 @@ class ModelRunner:
 
         def micro_batch(i: int, md: AttentionMetadata, dispatch: Dispatch, n: int):
             buf, padded = self.ubatch_buffers[i], dispatch.padded_tokens
-            with set_forward_context(md, self.kv_caches, ubatch_id=i, **self.graphs.context_extras(i)):
+            with self.graphs.forward_context(md, self.kv_caches, dispatch):
                 return self.graphs.run(dispatch, buf.input_ids[:padded], buf.positions[:padded])[:n]
 
         trace: list[YieldPoint] = []

@@ -12,9 +12,9 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from runtime.engine import EngineCore
-from runtime.outputs import RequestOutput
-from runtime.sampling_params import SamplingParams
+from runtime.engine.core import EngineCore
+from runtime.engine.outputs import RequestOutput
+from runtime.contracts.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

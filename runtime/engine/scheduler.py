@@ -14,8 +14,9 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from runtime.kv_cache import KVCacheManager
-from runtime.request import Request, RequestStatus
+from runtime.engine.kv_cache import KVCacheManager
+from runtime.contracts.request import Request, RequestStatus
+from runtime.contracts.scheduler_output import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -29,43 +30,6 @@ class SchedulerConfig:
     # Cap on one request's prefill chunk per step, so one long prompt can't take the
     # whole budget from other prefills; 0 = off. Applies only with chunked prefill.
     long_prefill_token_threshold: int = 0
-
-
-@dataclass
-class ScheduledRequest:
-    """Computes tokens ``[start_pos, start_pos + num_new_tokens)`` of the request this step."""
-
-    request: Request
-    num_new_tokens: int
-    # Snapshots taken at schedule time: update_from_output moves the request on, and
-    # the answers must not change under the runner's or the updater's feet.
-    start_pos: int = field(init=False)
-    _samples: bool = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.start_pos = self.request.num_computed_tokens
-        self._samples = self.start_pos + self.num_new_tokens >= self.request.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the request's last token, so a token is sampled."""
-        return self._samples
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest]
-    preempted_ids: list[str]
-    # Requests freed since the previous schedule(); the runner drops their state.
-    finished_ids: list[str]
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 class Scheduler:

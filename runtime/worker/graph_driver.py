@@ -6,15 +6,17 @@ Piecewise graphs live inside the compiled pieces (compiler/piecewise.py) and onl
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, ContextManager, Sequence
 
 import torch
 from torch import nn
 
 from compiler.config import CompilationConfig
 from compiler.counters import counters
-from compiler.dispatcher import BatchDescriptor, Dispatch, GraphDispatcher
-from compiler.graphs import GRAPH_RUNTIME_KEY, GraphRuntime, StaticGraphRunner
+from compiler.dispatcher import Dispatch, GraphDispatcher
+from compiler.graphs import GraphRuntime, StaticGraphRunner
+from runtime.attention.metadata import AttentionMetadata
+from runtime.forward_context import BatchDescriptor, ForwardContext, set_forward_context
 from runtime.platforms import current_platform
 
 logger = logging.getLogger(__name__)
@@ -55,17 +57,16 @@ class GraphDriver:
     def _runtime(self, ubatch: int | None) -> GraphRuntime | None:
         return self.runtime if ubatch is None or self.runtime is None else self.ubatch_runtimes[ubatch]
 
-    def context_extras(self, ubatch: int | None = None) -> dict[str, Any]:
-        runtime = self._runtime(ubatch)
-        return {GRAPH_RUNTIME_KEY: runtime} if runtime is not None else {}
+    def forward_context(self, metadata: AttentionMetadata, kv_caches: dict[str, torch.Tensor],
+                        dispatch: Dispatch) -> ContextManager[ForwardContext]:
+        """The forward context of a step (or micro-batch) run as ``dispatch`` says."""
+        return set_forward_context(metadata, kv_caches, graph_mode=dispatch.mode, batch_descriptor=dispatch.batch,
+                                   graph_runtime=self._runtime(dispatch.ubatch))
 
     def run(self, dispatch: Dispatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The forward for this step (or micro-batch); call inside its forward context."""
-        runtime = self._runtime(dispatch.ubatch)
-        if runtime is not None:
-            runtime.mode = dispatch.mode
+        """The forward for this step (or micro-batch); call inside ``forward_context(..., dispatch)``."""
         if dispatch.mode == "full":
-            hidden = self.full(runtime, dispatch.padded_tokens, (input_ids, positions))
+            hidden = self.full(self._runtime(dispatch.ubatch), dispatch.padded_tokens, (input_ids, positions))
             if self.full.failed:
                 self.dispatcher.disable_full("capture failed")
                 self.full, self.full_sizes = None, []

@@ -2,7 +2,7 @@
 
 latency:    per-step decode latency at given batch sizes and context length (prefill excluded).
 throughput: offline generation of N requests with fixed input/output lengths.
-mm-encoder: the vision encoder alone per attention backend, eager / compiled / captured (runtime/bench_mm_encoder.py).
+mm-encoder: the vision encoder alone per attention backend, eager / compiled / captured (runtime/bench/mm_encoder.py).
 Prints a table and, with --json, writes the numbers to a file.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from compiler import CompilationConfig, counters
-from runtime.config import EngineConfig
-from runtime.engine import LLM
+from runtime.contracts.config import EngineConfig
+from runtime.engine.llm import LLM
 from runtime.platforms import current_platform
-from runtime.sampling_params import SamplingParams
+from runtime.contracts.sampling_params import SamplingParams
 
 RANDOM_1B = "random-1b"
 
@@ -111,12 +111,8 @@ def _checkpoint_path(args: argparse.Namespace) -> str:
 
 
 def _runner_stats(llm: LLM) -> dict[str, Any]:
-    """Graph pool, counters and DBO steps of the (rank 0) runner, in-process or in a worker."""
-    core = llm.engine
-    if core.executor is None:
-        return {"pool_bytes": core.runner.graphs.pool_bytes(), "counters": counters,
-                "dbo_steps": core.runner.dbo_steps}
-    info = core.executor.runner_info(["graphs.pool_bytes", "dbo_steps"])[0]
+    """Graph pool, counters and DBO steps of the rank 0 runner."""
+    info = llm.engine.executor.call_workers("runner_info", ["graphs.pool_bytes", "dbo_steps"])[0]
     return {"pool_bytes": info["graphs.pool_bytes"], "counters": argparse.Namespace(**info["counters"]),
             "dbo_steps": info["dbo_steps"]}
 
@@ -188,8 +184,7 @@ def _decode_step_times(core, vocab: int, batch: int, args: argparse.Namespace) -
         start = time.perf_counter()
         core.step()
         times.append(time.perf_counter() - start)
-    # Under tensor parallelism the forward runs in the workers: only whole steps are timed.
-    forward = _forward_times(core, args.steps) if core.executor is None else []
+    forward = _forward_times(core, args.steps)
     if args.count_kernels:
         core.bench_step_profile = _profile_steps(core, _KERNEL_COUNT_STEPS)
     for rid in ids:
@@ -200,43 +195,21 @@ def _decode_step_times(core, vocab: int, batch: int, args: argparse.Namespace) -
 def _profile_steps(core, steps: int):
     """Kernels per engine step and collective time (a graph replay's kernels count where the profiler
     sees inside graphs, as CUPTI does on CUDA); under tensor parallelism, rank 0's view."""
-    from runtime.profiling import KernelProfiler
-
-    if core.executor is not None:
-        started = core.executor.call_workers("profile_start")
-        for _ in range(steps):
-            core.step()
-        return core.executor.call_workers("profile_stop", steps)[0] if all(started) else None
-    profiler = KernelProfiler()
-    if not profiler.start():
-        return None
+    started = core.executor.call_workers("profile_start")
     for _ in range(steps):
         core.step()
-    return profiler.stop(steps)
+    return core.executor.call_workers("profile_stop", steps)[0] if all(started) else None
 
 
 def _forward_times(core, steps: int) -> list[float]:
-    """The model forward alone (graph replay or eager; both micro-batches under DBO), synchronised:
-    where the step's time goes."""
-    runner = core.runner
-    original = runner.forward_step
-    samples: list[float] = []
-
-    def timed(*args, **kwargs):
-        current_platform.synchronize()
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        current_platform.synchronize()
-        samples.append(time.perf_counter() - start)
-        return out
-
-    runner.forward_step = timed
+    """Rank 0's model forward alone, per step (runtime/worker/worker.py: forward_timing_start)."""
+    core.executor.call_workers("forward_timing_start")
     try:
         for _ in range(steps):
             core.step()
     finally:
-        runner.forward_step = original
-    return samples
+        times = core.executor.call_workers("forward_timing_stop")[0]
+    return times
 
 
 def _hf_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -365,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--input-len", type=int, default=128)
             s.add_argument("--output-len", type=int, default=64)
             s.add_argument("--max-num-seqs", type=int, default=64)
-    from runtime.bench_mm_encoder import add_parser as add_mm_encoder_parser
+    from runtime.bench.mm_encoder import add_parser as add_mm_encoder_parser
 
     add_mm_encoder_parser(sub)
     p.add_argument("--log-level", default="WARNING")
@@ -377,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     current_platform.configure_process()
     if args.command == "mm-encoder":
-        from runtime.bench_mm_encoder import main_mm_encoder
+        from runtime.bench.mm_encoder import main_mm_encoder
 
         return main_mm_encoder(args, report)
     from models.default import DefaultModelMissing
@@ -400,6 +373,3 @@ def report(header: dict[str, Any], rows: list[dict[str, Any]], json_path: str | 
         with open(json_path, "w") as f:
             json.dump({**header, "results": rows}, f, indent=2)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

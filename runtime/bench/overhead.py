@@ -1,4 +1,4 @@
-"""`python -m runtime.bench_overhead`: per-call cost of the decorated forward over the compiled callable.
+"""`python -m runtime.bench.overhead`: per-call cost of the decorated forward over the compiled callable.
 
 Uses a tiny two-layer model (compiled with backend "eager", so the pieces are the traced FX code)
 to keep device time negligible: what remains is host-side call overhead. Compares
@@ -37,7 +37,7 @@ def _time_us(fn, iters: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.bench_overhead", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m runtime.bench.overhead", description=__doc__)
     p.add_argument("--tokens", type=int, default=1)
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--json", default=None)

@@ -18,7 +18,7 @@ import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from runtime.request import Request
+from runtime.contracts.request import Request
 
 logger = logging.getLogger(__name__)
 

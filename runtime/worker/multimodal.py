@@ -14,15 +14,14 @@ For a model with ``supports_images`` the runner calls ``prepare`` every step. It
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
 import torch
 
 from compiler.config import CompilationConfig
-from models.qwen2_vl_processing import MultimodalPrompt
-from runtime.encoder_runner import EncoderRunner
+from models.qwen2_vl_processing import MultimodalPrompt, Qwen2VLInputProcessor
+from runtime.worker.encoder_runner import EncoderRunner
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +39,6 @@ class MultimodalRunner:
     @property
     def max_image_patches(self) -> int:
         return self.encoder.max_patches
-
-    def check(self, prompt: MultimodalPrompt) -> None:
-        """A request's images must each fit the largest encoder budget (what memory was profiled for)."""
-        for i, image in enumerate(prompt.images):
-            if image.num_patches > self.max_image_patches:
-                raise ValueError(f"image {i} has {image.num_patches} patches; this engine takes at most "
-                                 f"{self.max_image_patches} per image (max_image_patches)")
 
     # ---- per step ----------------------------------------------------------------------------
     def prepare(self, scheduled: list[Any], num_tokens: int) -> None:
@@ -126,21 +118,14 @@ def _chunk_positions(mm: MultimodalPrompt | None, start: int, end: int) -> torch
     return torch.cat(parts, dim=1)
 
 
-def attach_multimodal(runner: Any, loaded: Any, config: Any) -> Any | None:
-    """Give ``runner`` a MultimodalRunner when the model takes images; the prompt processor, else None."""
-    model = loaded.model
-    if not getattr(model, "supports_images", False):
-        return None
-    from models.qwen2_vl_processing import Qwen2VLInputProcessor
-
-    processor = Qwen2VLInputProcessor(loaded.config, loaded.checkpoint.directory if loaded.checkpoint else None)
-    settings = processor.settings
-    max_patches = config.max_image_patches or settings.max_pixels // settings.patch_size ** 2
-    # Larger images are resized down to the budget, as the processor does for its own max_pixels.
-    processor.settings = dataclasses.replace(settings, max_pixels=min(settings.max_pixels,
-                                                                      max_patches * settings.patch_size ** 2))
-    runner.multimodal = MultimodalRunner(model, runner.max_num_tokens, max_patches, runner.device,
-                                         config.compilation_config)
+def attach_multimodal(runner: Any, loaded: Any, config: Any) -> None:
+    """Give ``runner`` a MultimodalRunner when the model takes images (before the memory profile,
+    which runs the encoder at its largest budget)."""
+    if not getattr(loaded.model, "supports_images", False):
+        return
+    processor = Qwen2VLInputProcessor(loaded.config, loaded.checkpoint.directory if loaded.checkpoint else None,
+                                      config.max_image_patches)
+    runner.multimodal = MultimodalRunner(loaded.model, runner.max_num_tokens, processor.max_image_patches,
+                                         runner.device, config.compilation_config)
     logger.info("vision encoder: patch budgets %s, images up to %d patches", runner.multimodal.encoder.budgets,
                 runner.multimodal.max_image_patches)
-    return processor

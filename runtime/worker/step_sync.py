@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from runtime.request import Request
-from runtime.scheduler import ScheduledRequest, SchedulerOutput
+from runtime.contracts.request import Request
+from runtime.contracts.scheduler_output import ScheduledRequest, SchedulerOutput
 
 
 @dataclass
@@ -24,7 +24,6 @@ class ScheduledDelta:
     new_outputs: list[int]
     block_ids: list[int] | None  # None: unchanged since last sent
     request: Request | None = None  # set the first time the workers see the request
-    seed: int | None = None  # of the request's own generator, sent with the request
 
 
 @dataclass
@@ -44,15 +43,10 @@ class _Sent:
 class StepEncoder:
     """Engine side: remembers what the workers know about each request."""
     _sent: dict[str, _Sent] = field(default_factory=dict)
-    _seeds: dict[str, int] = field(default_factory=dict)
-
-    def set_seed(self, request_id: str, seed: int) -> None:
-        self._seeds[request_id] = seed
 
     def encode(self, output: SchedulerOutput) -> StepMessage:
         for rid in output.finished_ids:
             self._sent.pop(rid, None)
-            self._seeds.pop(rid, None)
         deltas = []
         for item in output.scheduled:
             req = item.request
@@ -63,7 +57,7 @@ class StepEncoder:
                 snapshot.prompt_token_ids, snapshot.output_token_ids = list(req.prompt_token_ids), list(outputs)
                 snapshot.block_ids = list(req.block_ids)
                 deltas.append(ScheduledDelta(req.request_id, item.num_new_tokens, item.start_pos, item.samples,
-                                             len(outputs), [], None, snapshot, self._seeds.pop(req.request_id, None)))
+                                             len(outputs), [], None, snapshot))
             else:
                 blocks = None if known.block_ids == req.block_ids else list(req.block_ids)
                 deltas.append(ScheduledDelta(req.request_id, item.num_new_tokens, item.start_pos, item.samples,
@@ -77,16 +71,13 @@ class StepDecoder:
     """Worker side: the mirror of the engine's requests, rebuilt into a ``SchedulerOutput``."""
     requests: dict[str, Request] = field(default_factory=dict)
 
-    def decode(self, message: StepMessage) -> tuple[SchedulerOutput, dict[str, int]]:
-        """The step's scheduler output and the seeds of requests seen for the first time."""
+    def decode(self, message: StepMessage) -> SchedulerOutput:
         for rid in message.finished_ids:
             self.requests.pop(rid, None)
-        scheduled, seeds = [], {}
+        scheduled = []
         for delta in message.scheduled:
             if delta.request is not None:
                 req = self.requests[delta.request_id] = delta.request
-                if delta.seed is not None:
-                    seeds[delta.request_id] = delta.seed
             else:
                 req = self.requests[delta.request_id]
                 del req.output_token_ids[delta.num_outputs - len(delta.new_outputs):]
@@ -99,4 +90,4 @@ class StepDecoder:
             item = ScheduledRequest(req, delta.num_new_tokens)
             item.start_pos, item._samples = delta.start_pos, delta.samples
             scheduled.append(item)
-        return SchedulerOutput(scheduled, message.preempted_ids, message.finished_ids), seeds
+        return SchedulerOutput(scheduled, message.preempted_ids, message.finished_ids)

@@ -21,7 +21,7 @@ from compiler import CompilationConfig, counters
 from models.qwen2_vl_processing import smart_resize
 from models.qwen2_vl_vision import VisionTransformer
 from runtime.attention.encoder_attention import ENCODER_ATTENTION_BACKENDS
-from runtime.encoder_runner import EncoderRunner
+from runtime.worker.encoder_runner import EncoderRunner
 from runtime.platforms import current_platform
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from runtime.sampling_params import SamplingParams
+from runtime.contracts.sampling_params import SamplingParams
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:

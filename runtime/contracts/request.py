@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from runtime.sampling_params import SamplingParams
+    from runtime.contracts.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -53,6 +53,9 @@ class Request:
     finish_reason_detail: str | None = None
     # Images of a multimodal prompt (models.qwen2_vl_processing.MultimodalPrompt), else None.
     multimodal: object | None = None
+    # Seed of this sequence's own sampling generator (the sampling worker keeps the generator); None
+    # samples from the worker's shared one.
+    seed: int | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -6,7 +6,20 @@ from typing import Any
 
 from compiler.config import CompilationConfig
 from runtime.distributed.parallel_state import ParallelConfig
-from runtime.ubatch_split import DBOThresholds
+
+
+@dataclass(frozen=True)
+class DBOThresholds:
+    """Minimum step token counts for splitting; decode-only and prefill-containing steps differ
+    because a decode step's per-token compute is small, so it pays to split only large batches."""
+    decode_tokens: int
+    prefill_tokens: int
+
+    def __post_init__(self) -> None:
+        for name in ("decode_tokens", "prefill_tokens"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"DBO {name} threshold must be >= 2 (each micro-batch needs a token), "
+                                 f"got {getattr(self, name)}")
 
 
 @dataclass

@@ -11,19 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class DBOThresholds:
-    """Minimum step token counts for splitting; decode-only and prefill-containing steps differ
-    because a decode step's per-token compute is small, so it pays to split only large batches."""
-    decode_tokens: int
-    prefill_tokens: int
-
-    def __post_init__(self) -> None:
-        for name in ("decode_tokens", "prefill_tokens"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"DBO {name} threshold must be >= 2 (each micro-batch needs a token), "
-                                 f"got {getattr(self, name)}")
+from runtime.contracts.config import DBOThresholds
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,237 @@
+"""The engine core: scheduler, KV block manager and detokenizers, stepping the workers one step at a time.
+
+``EngineCore`` owns the requests; its executor (runtime/engine/executor.py) owns the workers that
+hold the model. ``LLM`` (runtime/engine/llm.py) drives it to completion for a batch of prompts; the
+server's ``AsyncEngine`` (runtime/engine/async_engine.py) drives it from a thread.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+from models.checkpoint import Checkpoint, load_config, load_tokenizer, resolve_checkpoint
+from models.default import default_model_path
+from models.loader import LoadedModel
+from models.parallel_layers import check_shardable
+from models.qwen2_vl_processing import Qwen2VLInputProcessor
+from models.registry import resolve_model_class
+from runtime.contracts.config import EngineConfig
+from runtime.contracts.request import Request, RequestStatus
+from runtime.contracts.sampling_params import SamplingParams
+from runtime.engine.detokenizer import IncrementalDetokenizer
+from runtime.engine.executor import Executor, InProcessExecutor
+from runtime.engine.kv_cache import KVCacheManager
+from runtime.engine.multiproc_executor import MultiprocExecutor
+from runtime.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from runtime.engine.scheduler import Scheduler, SchedulerConfig
+from runtime.worker.worker import WorkerSpec
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                   RequestStatus.FINISHED_ABORTED: "abort"}
+
+
+@dataclass
+class _Sequence:
+    """One of a request's n completions: a scheduler request plus its detokenizer."""
+    request: Request
+    detok: IncrementalDetokenizer | None
+    output: CompletionOutput
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[_Sequence]
+    metrics: RequestMetrics
+    finished: bool = False
+
+    def to_output(self) -> RequestOutput:
+        """A snapshot: the engine keeps appending to its own copies after this returns."""
+        outputs = [replace(s.output, token_ids=list(s.output.token_ids),
+                           logprobs=None if s.output.logprobs is None else list(s.output.logprobs))
+                   for s in self.sequences]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
+                             replace(self.metrics))
+
+
+def engine_max_model_len(config: EngineConfig, model_config: Any) -> int:
+    max_model_len = config.max_model_len or min(model_config.max_position_embeddings, 4096)
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+        raise ValueError(f"max_num_batched_tokens={config.max_num_batched_tokens} must be >= max_model_len="
+                         f"{max_model_len} when chunked prefill is off")
+    return max_model_len
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        """``loaded`` reuses an already loaded model (tests, benchmarks); else ``config.model`` is loaded
+        by the workers."""
+        self.config = config
+        if config.enable_dbo and not config.communicates:
+            logger.warning("DBO on one device: there is no communication to overlap, so the two micro-batches "
+                           "only add work (each reads all weights; docs/perf.md measures the cost)")
+        if loaded is not None:
+            if config.tensor_parallel_size > 1:
+                raise ValueError("tensor_parallel_size > 1 loads the model in its worker processes: pass a "
+                                 "checkpoint path, not a model already in memory")
+            if loaded.compilation_config is not None:
+                config.compilation_config = loaded.compilation_config  # graphs must match how it was compiled
+            checkpoint, self.model_config, self.tokenizer = loaded.checkpoint, loaded.config, loaded.tokenizer()
+        else:
+            checkpoint = resolve_checkpoint(config.model or default_model_path())
+            config.model = checkpoint.display
+            self.model_config, self.tokenizer = load_config(checkpoint), load_tokenizer(checkpoint)
+        self.max_model_len = engine_max_model_len(config, self.model_config)
+        self.model_class = resolve_model_class(self.model_config)
+        if config.tensor_parallel_size > 1:
+            self._check_shardable()  # a clear error before any process starts
+        self.input_processor = _input_processor(self.model_class, self.model_config, checkpoint, config)
+        spec = WorkerSpec(config, self.max_model_len, self.model_config)
+        self.executor: Executor = (MultiprocExecutor(spec) if config.tensor_parallel_size > 1
+                                   else InProcessExecutor(spec, loaded))
+        self.kv_cache = KVCacheManager(self.executor.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill), self.kv_cache)
+        self._parents: dict[str, _Parent] = {}
+        self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
+        self.num_steps = 0
+
+    def _check_shardable(self) -> None:
+        if not getattr(self.model_class, "supports_tensor_parallel", False):
+            raise ValueError(f"{self.model_class.__name__} does not support tensor parallelism yet: "
+                             "use tensor_parallel_size=1")
+        check_shardable(self.model_config, self.config.parallel_config())
+
+    def set_dbo(self, enabled: bool) -> None:
+        """Switch DBO micro-batching on or off for later steps (the engine must start with
+        ``enable_dbo=True``: the micro-batch slots and their graphs are built at start-up)."""
+        self.executor.call_workers("set_dbo", enabled)
+
+    def shutdown(self) -> None:
+        """Stop the workers (their processes, under tensor parallelism)."""
+        self.executor.shutdown()
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    images: Sequence[Any] | None = None) -> None:
+        """``images``: one per image placeholder token of the prompt (arrays, tensors, paths, data: URLs)."""
+        if request_id in self._parents:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        text = prompt if isinstance(prompt, str) else None
+        if text is not None and self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompts as token ids")
+        ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        multimodal = None
+        if images:
+            if self.input_processor is None:
+                raise ValueError(f"this model ({self.model_class.__name__}) does not take images")
+            ids, multimodal = self.input_processor.process(ids, images)
+            self.input_processor.check(multimodal)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; this model allows at most {self.max_model_len - 1} "
+                             f"(max_model_len={self.max_model_len})")
+        if max(ids) >= self.model_config.vocab_size or min(ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        parent = _Parent(request_id, text, ids, [], RequestMetrics(time.monotonic()))
+        for i in range(params.n):
+            sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seed = None if params.seed is None else params.seed + i
+            req = Request(sub_id, ids, params, eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
+                          multimodal=multimodal, seed=seed)
+            detok = (IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
+                                            params.skip_special_tokens) if self.tokenizer is not None else None)
+            seq = _Sequence(req, detok, CompletionOutput(i, "", [], None, [] if params.logprobs is not None else None))
+            parent.sequences.append(seq)
+            self._sequences[sub_id] = (parent, seq)
+            self.scheduler.add_request(req)
+        self._parents[request_id] = parent
+
+    def abort_request(self, request_id: str) -> bool:
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return False
+        for seq in parent.sequences:
+            if self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED):
+                self._finish_sequence(parent, seq, RequestStatus.FINISHED_ABORTED)
+        self._retire_if_done(parent)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- stepping --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step; returns the requests whose output changed."""
+        sched = self.scheduler.schedule()
+        touched: dict[str, _Parent] = {}
+        self._collect_scheduler_aborts(sched.finished_ids, touched)
+        if sched.is_empty:
+            return [p.to_output() for p in touched.values()]
+        result = self.executor.execute(sched)
+        self.num_steps += 1
+        finished = {r.request_id for r in self.scheduler.update_from_output(sched, result.sampled)}
+        now = time.monotonic()
+        for item in sched.scheduled:
+            sub_id = item.request.request_id
+            if sub_id not in result.sampled or sub_id not in self._sequences:
+                continue
+            parent, seq = self._sequences[sub_id]
+            touched[parent.request_id] = parent
+            parent.metrics.first_token_time = parent.metrics.first_token_time or now
+            self._append_token(parent, seq, result.sampled[sub_id], result.logprobs.get(sub_id), sub_id in finished)
+        for parent in touched.values():
+            self._retire_if_done(parent)
+        return [p.to_output() for p in touched.values()]
+
+    def _append_token(self, parent: _Parent, seq: _Sequence, token: int, logprob, finished: bool) -> None:
+        seq.output.token_ids.append(token)
+        if seq.output.logprobs is not None and logprob is not None:
+            seq.output.logprobs.append(logprob)
+        hit_stop = False
+        if seq.detok is not None:
+            _, hit_stop = seq.detok.add_token(token)
+            seq.output.text = seq.detok.text
+        if hit_stop and not finished:
+            self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_STOPPED)
+            finished = True
+        if finished:
+            self._finish_sequence(parent, seq, seq.request.status if not hit_stop else RequestStatus.FINISHED_STOPPED)
+
+    def _collect_scheduler_aborts(self, finished_ids: list[str], touched: dict[str, _Parent]) -> None:
+        for sub_id in finished_ids:
+            entry = self._sequences.get(sub_id)
+            if entry and entry[1].output.finish_reason is None and entry[1].request.status.is_finished:
+                parent, seq = entry
+                self._finish_sequence(parent, seq, seq.request.status)
+                touched[parent.request_id] = parent
+
+    def _finish_sequence(self, parent: _Parent, seq: _Sequence, status: RequestStatus) -> None:
+        seq.output.finish_reason = _FINISH_REASONS[status]
+        seq.output.stop_reason = seq.request.finish_reason_detail
+        parent.metrics.num_cached_tokens = max(parent.metrics.num_cached_tokens, seq.request.num_cached_tokens)
+        parent.metrics.num_preemptions += seq.request.num_preemptions
+
+    def _retire_if_done(self, parent: _Parent) -> None:
+        if not parent.finished and all(s.output.finished for s in parent.sequences):
+            parent.finished = True
+            parent.metrics.finished_time = time.monotonic()
+            for seq in parent.sequences:
+                self._sequences.pop(seq.request.request_id, None)
+            self._parents.pop(parent.request_id, None)
+
+
+def _input_processor(model_class: type, model_config: Any, checkpoint: Checkpoint | None,
+                     config: EngineConfig) -> Qwen2VLInputProcessor | None:
+    """Vision models: images -> patches and placeholder tokens, before a request is scheduled."""
+    if not getattr(model_class, "supports_images", False):
+        return None
+    return Qwen2VLInputProcessor(model_config, checkpoint.directory if checkpoint else None, config.max_image_patches)

@@ -1,0 +1,71 @@
+"""Offline batch generation: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from models.loader import LoadedModel
+from runtime.contracts.config import EngineConfig
+from runtime.contracts.sampling_params import SamplingParams
+from runtime.engine.core import EngineCore
+from runtime.engine.outputs import RequestOutput
+
+
+class LLM:
+    """Offline batch generation; ``LLM(model=None)`` loads the embedded SmolLM2."""
+
+    def __init__(self, model: str | None = None, *, _loaded: LoadedModel | None = None, **engine_args: Any) -> None:
+        self.engine = EngineCore(EngineConfig.from_kwargs(model=model, **engine_args), _loaded)
+        self.tokenizer = self.engine.tokenizer
+        self._counter = 0
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, **engine_args: Any) -> "LLM":
+        """An engine around a model already in memory (skips loading the checkpoint again)."""
+        return cls(loaded.name, _loaded=loaded, **engine_args)
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[list[int]] | dict | Sequence[dict],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """A prompt is text, token ids, or ``{"prompt": text or ids, "images": [...]}`` for vision models."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        ids = []
+        for prompt, p in zip(prompts, params_list):
+            self._counter += 1
+            ids.append(str(self._counter))
+            if isinstance(prompt, dict):
+                unknown = sorted(set(prompt) - {"prompt", "images"})
+                if unknown or "prompt" not in prompt:
+                    raise ValueError(f"a prompt dict takes the keys 'prompt' and 'images'; got {sorted(prompt)}")
+                self.engine.add_request(ids[-1], prompt["prompt"], p, images=prompt.get("images"))
+            else:
+                self.engine.add_request(ids[-1], prompt, p)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
+                   for c in conversations]
+        token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(token_ids, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm, leave=False)
+        while self.engine.has_unfinished_requests() or len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished and out.request_id not in done:
+                    done[out.request_id] = out
+                    bar.update(1)
+            if not self.engine.has_unfinished_requests() and len(done) < len(ids):
+                raise RuntimeError("engine stopped with requests unaccounted for: "
+                                   f"{sorted(set(ids) - set(done))}")
+        bar.close()
+        return [done[i] for i in ids]

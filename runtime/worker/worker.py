@@ -1,0 +1,141 @@
+"""One rank's worker: the model (its shard under tensor parallelism), its runner, KV cache and samplers.
+
+Every rank runs the same ``Worker``: in the engine's process when there is one rank
+(runtime/engine/executor.py), in a process of its own per rank otherwise
+(runtime/worker/worker_process.py). Its calls are the executor's whole vocabulary: ``plan_kv_blocks``
+(how many KV blocks fit), ``initialize`` (warm-up, KV cache, graphs), ``execute`` (one step), plus
+the introspection benchmarks and tests use. Every rank samples (the collectives need every rank in
+the forward); the executor keeps rank 0's tokens.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from compiler import counters
+from models.default import default_model_path
+from models.loader import LoadedModel, load_model
+from runtime.contracts.config import EngineConfig
+from runtime.contracts.runner_output import StepResult
+from runtime.contracts.scheduler_output import SchedulerOutput
+from runtime.distributed.parallel_state import init_distributed
+from runtime.platforms import current_platform
+from runtime.profiling import KernelProfiler, StepProfile
+from runtime.worker.kv_sizing import plan_kv_blocks
+from runtime.worker.model_runner import ModelRunner
+from runtime.worker.multimodal import attach_multimodal
+from runtime.worker.sampler import make_generator
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class WorkerSpec:
+    """What a rank needs to build its worker (pickled to each worker process)."""
+    config: EngineConfig
+    max_model_len: int
+    model_config: Any  # the checkpoint's config, read once by the engine
+    rank: int = 0
+    world_size: int = 1
+    init_method: str | None = None  # tcp://host:port of the process group's rendezvous (world_size > 1)
+    log_level: int = logging.INFO
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, loaded: LoadedModel | None = None) -> None:
+        """``loaded`` reuses a model already in memory (one rank only: tests, benchmarks)."""
+        config = self.config = spec.config
+        self.rank = spec.rank
+        current_platform.configure_process()
+        parallel = None
+        if spec.world_size > 1:
+            parallel = init_distributed(spec.rank, spec.world_size, spec.init_method, config.enable_expert_parallel)
+        current_platform.manual_seed(config.seed)
+        if loaded is None:
+            device = config.device if spec.world_size == 1 else current_platform.device(spec.rank)
+            loaded = load_model(config.model or default_model_path(), config.dtype, device, config.compilation_config,
+                                parallel=parallel, model_config=spec.model_config)
+        self.runner = ModelRunner(
+            loaded.model, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=spec.max_model_len, block_size=config.block_size, dtype=loaded.dtype,
+            device=loaded.device, vocab_size=loaded.config.vocab_size,
+            compilation_config=config.compilation_config, dbo=config.dbo_thresholds(),
+            collectives=config.communicates)
+        attach_multimodal(self.runner, loaded, config)
+        self.generators: dict[str, torch.Generator] = {}  # per-request generators of seeded requests
+        self.profiler: KernelProfiler | None = None  # between profile_start and profile_stop
+        self.forward_times: list[float] | None = None  # between forward_timing_start and _stop
+
+    # ---- start-up ----------------------------------------------------------------------------
+    def plan_kv_blocks(self) -> int:
+        """KV cache blocks this rank can hold (the executor takes the minimum over ranks)."""
+        return plan_kv_blocks(self.config, self.runner)
+
+    def initialize(self, num_blocks: int) -> None:
+        self.runner.warmup()  # compiles (one trace) before the first request, not during it
+        self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_graphs()  # full graphs bake in the KV cache addresses: allocate first
+
+    # ---- stepping ----------------------------------------------------------------------------
+    def execute(self, output: SchedulerOutput) -> StepResult:
+        for request_id in output.finished_ids:
+            self.generators.pop(request_id, None)
+        for item in output.scheduled:
+            req = item.request
+            if req.seed is not None and req.request_id not in self.generators:
+                self.generators[req.request_id] = make_generator(req.seed, self.runner.device)
+        return self.runner.execute(output, self.generators)
+
+    def set_dbo(self, enabled: bool) -> None:
+        self.runner.set_dbo(enabled)
+
+    # ---- introspection (benchmarks, tests) ---------------------------------------------------
+    def dbo_stats(self) -> tuple[int, list[Any]]:
+        """DBO steps run so far and the yield points of the last one, in order."""
+        return self.runner.dbo_steps, list(self.runner.last_dbo_trace)
+
+    def runner_info(self, names: list[str]) -> dict[str, Any]:
+        """Values of (dotted) runner attributes, methods called, plus the compiler counters."""
+        info: dict[str, Any] = {"counters": copy.deepcopy(vars(counters))}
+        for name in names:
+            value: Any = self.runner
+            for part in name.split("."):
+                value = getattr(value, part)
+            info[name] = value() if callable(value) else value
+        return info
+
+    def profile_start(self) -> bool:
+        """Start counting device kernels (False where the platform's kernels are invisible)."""
+        self.profiler = KernelProfiler()
+        return self.profiler.start()
+
+    def profile_stop(self, steps: int) -> StepProfile | None:
+        """The kernels of the steps since ``profile_start`` (runtime/profiling.py)."""
+        profiler, self.profiler = self.profiler, None
+        return profiler.stop(steps) if profiler is not None else None
+
+    def forward_timing_start(self) -> None:
+        """Time each step's model forward alone (graph replay or eager; both micro-batches under
+        DBO), synchronised: where a step's time goes."""
+        original = self.runner.forward_step
+        self.forward_times = times = []
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            current_platform.synchronize()
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            current_platform.synchronize()
+            times.append(time.perf_counter() - start)
+            return out
+
+        self.runner.forward_step = timed
+
+    def forward_timing_stop(self) -> list[float]:
+        """The forward times (seconds) since ``forward_timing_start``."""
+        del self.runner.forward_step  # the instance attribute shadowed the method
+        times, self.forward_times = self.forward_times or [], None
+        return times
