@@ -56,7 +56,7 @@ class InductorCompiler(CompilerInterface):
 
 
 class PlatformCompiler(CompilerInterface):
-    """A compile backend the platform provides (e.g. Ascend's torchair graph compiler)."""
+    """A compile backend the platform provides (``Platform.compile_backend``)."""
 
     def __init__(self, name: str, compile_fn: Callable[[torch.fx.GraphModule, list[Any]], Callable]) -> None:
         self.name, self._compile_fn = name, compile_fn
@@ -81,8 +81,8 @@ def make_compiler(name: str) -> CompilerInterface:
 
 
 def _unwrap_single(gm: torch.fx.GraphModule, fn: Callable) -> Callable:
-    """Compiled artefacts (a loaded Inductor one, torchair's) may return a sequence where the graph
-    returns one bare value; the split module expects the bare value."""
+    """Compiled artefacts (a loaded Inductor one, a platform compiler's) may return a sequence where the
+    graph returns one bare value; the split module expects the bare value."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     if isinstance(output.args[0], (tuple, list)):
         return fn

@@ -24,7 +24,7 @@ _PUBLIC = {
     "EngineConfig": "runtime.contracts.config",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:

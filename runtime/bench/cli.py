@@ -20,18 +20,20 @@ from typing import Any
 import torch
 
 from compiler import CompilationConfig, counters
+from models.checkpoint import resolve_checkpoint
+from models.default import DefaultModelMissing, default_model_path
+from models.loader import LoadedModel, load_model, resolve_dtype
+from models.testing import build_random_model, llama_1b_config, save_random_checkpoint
+from runtime.bench.mm_encoder import add_parser as add_mm_encoder_parser, main_mm_encoder
 from runtime.contracts.config import EngineConfig
+from runtime.contracts.sampling_params import SamplingParams
 from runtime.engine.llm import LLM
 from runtime.platforms import current_platform
-from runtime.contracts.sampling_params import SamplingParams
 
 RANDOM_1B = "random-1b"
 
 
 def _load(args: argparse.Namespace, compilation: CompilationConfig | None = None):
-    from models.loader import LoadedModel, load_model, resolve_dtype
-    from models.testing import build_random_model, llama_1b_config
-
     if args.tensor_parallel_size > 1:
         return None  # each rank's worker process loads its shard (see _engine)
     if args.model == RANDOM_1B:
@@ -40,8 +42,6 @@ def _load(args: argparse.Namespace, compilation: CompilationConfig | None = None
         device = current_platform.device()
         model = build_random_model(config, dtype, device, compilation_config=compilation)
         return LoadedModel(model, config, None, dtype, device, compilation)
-    from models.default import default_model_path
-
     return load_model(args.model or default_model_path(), args.dtype, compilation_config=compilation)
 
 
@@ -96,12 +96,7 @@ def _checkpoint_path(args: argparse.Namespace) -> str:
     """A path workers can load; random-1b is written once as a checkpoint (random weights, so
     every rank shards the same tensors)."""
     if args.model != RANDOM_1B:
-        from models.default import default_model_path
-
         return args.model or default_model_path()
-    from models.loader import resolve_dtype
-    from models.testing import llama_1b_config, save_random_checkpoint
-
     config = llama_1b_config()
     dtype = resolve_dtype(args.dtype, config)
     directory = os.path.join(tempfile.gettempdir(), f"graphmode-random-1b-{str(dtype).removeprefix('torch.')}")
@@ -216,9 +211,6 @@ def _hf_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     """transformers eager decode steps on the same architecture (its own KV cache), same process."""
     from transformers import AutoModelForCausalLM
 
-    from models.loader import resolve_dtype
-    from models.testing import llama_1b_config
-
     device = current_platform.device()
     if args.model == RANDOM_1B:
         config = llama_1b_config()
@@ -226,9 +218,6 @@ def _hf_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.manual_seed(0)
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
     else:
-        from models.checkpoint import resolve_checkpoint
-        from models.default import default_model_path
-
         ckpt = resolve_checkpoint(args.model or default_model_path())
         kwargs = {"gguf_file": ckpt.gguf_file} if ckpt.gguf_file else {}
         hf = AutoModelForCausalLM.from_pretrained(ckpt.directory, **kwargs)
@@ -338,8 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--input-len", type=int, default=128)
             s.add_argument("--output-len", type=int, default=64)
             s.add_argument("--max-num-seqs", type=int, default=64)
-    from runtime.bench.mm_encoder import add_parser as add_mm_encoder_parser
-
     add_mm_encoder_parser(sub)
     p.add_argument("--log-level", default="WARNING")
     return p
@@ -350,11 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     current_platform.configure_process()
     if args.command == "mm-encoder":
-        from runtime.bench.mm_encoder import main_mm_encoder
-
         return main_mm_encoder(args, report)
-    from models.default import DefaultModelMissing
-
     try:
         rows = bench_latency(args) if args.command == "latency" else bench_throughput(args)
     except (ValueError, DefaultModelMissing) as e:  # bad model path, config or size: one line, no trace

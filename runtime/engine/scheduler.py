@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from runtime.engine.kv_cache import KVCacheManager
 from runtime.contracts.request import Request, RequestStatus

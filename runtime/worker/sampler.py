@@ -21,8 +21,8 @@ from runtime.contracts.sampling_params import SamplingParams
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A per-request generator; the engine creates it at arrival and keeps it for the
-    request's life so its stream continues across steps instead of restarting each step."""
+    """A per-request generator; the worker creates it when it first sees the request and keeps it
+    for the request's life, so its stream continues across steps instead of restarting each step."""
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed(seed)
     return generator

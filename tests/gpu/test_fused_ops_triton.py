@@ -5,7 +5,6 @@ Runs on CUDA by default. With TRITON_INTERPRET=1 it runs on CPU through the Trit
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from runtime.ops import triton_activation, triton_rms_norm, triton_rotary  # noq
 from runtime.ops.activation import silu_and_mul_reference  # noqa: E402
 from runtime.ops.qk_norm_rotary import qk_norm_rotary_reference  # noqa: E402
 from runtime.ops.reduction_order import row_sum_layout  # noqa: E402
-from runtime.ops.rms_norm import fused_add_rms_norm_reference, rms_norm_reference  # noqa: E402
+from runtime.ops.rms_norm import rms_norm_reference  # noqa: E402
 from runtime.ops.rotary import rotary_embedding_reference  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] if INTERPRET else [torch.bfloat16, torch.float16, torch.float32]

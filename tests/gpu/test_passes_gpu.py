@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 from compiler import CompilationConfig, counters  # noqa: E402
 from models.loader import load_model  # noqa: E402
 from models.testing import write_tiny_checkpoint  # noqa: E402
-from tests.paged import PagedDriver  # noqa: E402
+from tests.helpers.paged import PagedDriver  # noqa: E402
 
 
 def _generate(path: str, passes: list[str], prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor, int]:

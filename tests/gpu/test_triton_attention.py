@@ -7,7 +7,6 @@ GRAPHMODE_TEST_DEVICE overrides the device either way.
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import pytest

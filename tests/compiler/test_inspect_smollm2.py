@@ -1,6 +1,5 @@
 """The inspection CLI on real SmolLM2 dumps (compile mode, piecewise, CPU), passes on and off."""
 import json
-import os
 import subprocess
 import sys
 
@@ -8,9 +7,10 @@ import pytest
 
 from compiler import CompilationConfig
 from models.loader import load_model
-from tests.paged import PagedDriver
+from tests.helpers.paged import PagedDriver
+from tests.helpers import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 
 
 def _cli(*args: str) -> dict:

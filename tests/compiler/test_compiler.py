@@ -1,8 +1,5 @@
 """The compiler on a toy model written here, with a splitting op registered here."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -47,9 +47,9 @@ def main() -> None:
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    from tests.fake_platform import run_with_fake_platform
+    from tests.helpers.fake_platform import run_with_fake_platform
 
-    return run_with_fake_platform("import test_qwen2_vl_fake_graphs as t; t.main()")
+    return run_with_fake_platform("import tests.runtime.worker.test_qwen2_vl_fake_graphs as t; t.main()")
 
 
 def test_decoder_and_encoder_graphs_give_the_eager_tokens(report):

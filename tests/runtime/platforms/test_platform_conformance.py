@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +24,9 @@ from runtime.attention.metadata import AttentionMetadata
 from runtime.attention.op import attention_backend
 from runtime.platforms import (CpuPlatform, CudaPlatform, Platform, PlatformUnavailable, current_platform,
                                npu_installed, select_platform)
+from tests.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 
 def _skip(name: str, reason: str) -> None:

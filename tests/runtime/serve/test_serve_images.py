@@ -8,7 +8,7 @@ import torch
 
 from models.vision_images import encode_png
 from models.vision_testing import write_tiny_qwen2_vl_checkpoint, write_tiny_qwen2_vl_tokenizer
-from serve_helpers import running_server
+from tests.helpers.serve import running_server
 
 openai = pytest.importorskip("openai")
 

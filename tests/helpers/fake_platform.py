@@ -1,4 +1,4 @@
-"""A fake device platform for tests/test_fake_platform.py (test code, never shipped).
+"""A fake device platform for tests/runtime/platforms/test_fake_platform.py (test code, never shipped).
 
 Its tensors live on the CPU, but everything a device platform provides is its own and records its
 use: graph class, pool handle and capture context, streams and events, op kernels, attention
@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from runtime.platforms.base import MemoryInfo, Platform
+from tests.helpers import REPO_ROOT
 
 CALLS: Counter[str] = Counter()  # what the platform was asked for (read by main())
 POOLS_MADE: list["FakePool"] = []  # every pool handle the platform gave out (kept alive: ids stay unique)
@@ -231,15 +232,14 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit("import this module and call main() (see tests/test_fake_platform.py)")
+    raise SystemExit("import this module and call main() (see tests/runtime/platforms/test_fake_platform.py)")
 
 
 def run_with_fake_platform(code: str) -> Any:
     """Run ``code`` in a fresh process whose platform is FakePlatform; the JSON its last stdout line
     holds. ``runtime.platforms`` is imported first: it loads this module as the platform plugin."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, GRAPHMODE_PLATFORM="fake_platform:FakePlatform",
-               PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]))
+    root = str(REPO_ROOT)
+    env = dict(os.environ, GRAPHMODE_PLATFORM="tests.helpers.fake_platform:FakePlatform", PYTHONPATH=root)
     env.pop("GRAPHMODE_OP_KERNELS", None)
     env.pop("GRAPHMODE_ATTENTION_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", f"import runtime.platforms; {code}"], cwd=root, env=env,

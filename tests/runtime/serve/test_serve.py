@@ -4,7 +4,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from serve_helpers import running_server, scrape
+from tests.helpers.serve import running_server, scrape
 
 openai = pytest.importorskip("openai")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from serve_helpers import metric_sum, running_server, scrape, signal_server
+from tests.helpers.serve import metric_sum, running_server, scrape, signal_server
 
 CLIENTS = 32
 DISCONNECT_EVERY = 4  # every 4th request of a client hangs up after a couple of events

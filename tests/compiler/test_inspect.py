@@ -16,8 +16,9 @@ from compiler.dump import GraphDump, graph_source
 from compiler.inspect.cli import main
 from compiler.inspect.picture import dot_binary
 from compiler.split import node_target_name
+from tests.helpers import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 HAS_DOT = dot_binary() is not None  # Graphviz (GRAPHMODE_DOT may point elsewhere, or at nothing)
 
 
@@ -40,7 +41,7 @@ def _fx_op_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
 def _make_dump(ckpt: str, dump_dir: str, **config) -> dict:
     """Load the checkpoint with a dumping compile config, run a forward; return facts of the run."""
     from models.loader import load_model
-    from tests.paged import PagedDriver
+    from tests.helpers.paged import PagedDriver
 
     captured = {}
     original = GraphDump.write_graph

@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from models.testing import write_tiny_checkpoint
+from tests.helpers import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 
 SCRIPT = r"""
 import json, logging, sys
@@ -16,7 +17,7 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(messag
 import torch
 from compiler import CompilationConfig, counters
 from models.loader import load_model
-from tests.paged import PagedDriver
+from tests.helpers.paged import PagedDriver
 cfg = CompilationConfig.from_json(sys.argv[2])
 # Inductor probes the CPU's vector ISA once per process by compiling test programs (~1 s here): that
 # is process start-up, not compiling; done before the timed phase in both runs alike.

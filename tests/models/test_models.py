@@ -6,7 +6,7 @@ import torch
 
 from models.loader import load_model
 from models.testing import write_tiny_checkpoint
-from tests.paged import PagedDriver
+from tests.helpers.paged import PagedDriver
 
 PROMPTS = [
     "The capital of France is",

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 SIZES = [1, 2, 4, 8, 16]
 MODES = {
     "piecewise": dict(mode="compile", backend="fake-compiler", debug=True, graph_mode="piecewise",
@@ -25,7 +26,7 @@ MODES = {
 def main() -> None:
     """Runs in the fake-platform process: tokens and graph counts per (mode, dbo), as JSON."""
     from compiler import CompilationConfig, counters
-    from fake_platform import CALLS, CAPTURE_STREAMS, POOLS_USED
+    from tests.helpers.fake_platform import CALLS, CAPTURE_STREAMS, POOLS_USED
     from models.loader import load_model
     from models.testing import write_tiny_checkpoint
     from runtime import LLM
@@ -63,9 +64,9 @@ def main() -> None:
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    from tests.fake_platform import run_with_fake_platform
+    from tests.helpers.fake_platform import run_with_fake_platform
 
-    return run_with_fake_platform("import test_dbo_fake_graphs as t; t.main()")
+    return run_with_fake_platform("import tests.runtime.worker.test_dbo_fake_graphs as t; t.main()")
 
 
 @pytest.mark.parametrize("mode", list(MODES))

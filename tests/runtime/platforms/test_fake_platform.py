@@ -8,20 +8,21 @@ replays recorded work, so greedy tokens through its graphs must equal the eager 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 FUSED_OPS = ["graphmode::rms_norm", "graphmode::fused_add_rms_norm", "graphmode::silu_and_mul",
              "graphmode::rotary_embedding"]
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    from tests.fake_platform import run_with_fake_platform
+    from tests.helpers.fake_platform import run_with_fake_platform
 
-    return run_with_fake_platform("import fake_platform; fake_platform.main()")
+    return run_with_fake_platform("from tests.helpers import fake_platform; fake_platform.main()")
 
 
 def test_the_plugin_platform_is_current(report):
@@ -59,7 +60,7 @@ def test_micro_batch_streams_and_events_come_from_the_platform(report):
 # ---- grep-level check ------------------------------------------------------------------------
 # Where device names may appear, and why: the platforms themselves; the CUDA-only tests, which pick
 # their device; the platform tests, which name the platforms they test (this file lists the patterns).
-ALLOWED = ("runtime/platforms/", "tests/gpu/", "tests/test_platform_conformance.py", "tests/test_fake_platform.py")
+ALLOWED = ("runtime/platforms/", "tests/gpu/", "tests/runtime/platforms/")
 SCANNED = ("compiler", "passes", "runtime", "models", "tests", "examples")
 DEVICE_BRANCHING = [
     (re.compile(r"\bnpu\b|torch_npu|torchair", re.IGNORECASE), "mentions npu"),

@@ -6,7 +6,7 @@ import json
 import httpx
 import pytest
 
-from serve_helpers import MAX_MODEL_LEN, metric_sum, running_server, scrape
+from tests.helpers.serve import MAX_MODEL_LEN, metric_sum, running_server, scrape
 
 API_KEY = "sk-errors-test"
 MODEL = "smollm2"

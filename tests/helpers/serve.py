@@ -9,13 +9,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Iterator
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
+
 SMALL_CONFIG = ("--max-num-seqs", "8", "--max-model-len", "512", "--num-kv-blocks", "256")
 MAX_MODEL_LEN = 512
 STARTUP_TIMEOUT_S = 240.0  # load + warm-up take ~20 s on the 2-core CI machine; generous for a busy one
