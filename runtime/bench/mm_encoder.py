@@ -20,7 +20,9 @@ import torch
 from compiler import CompilationConfig, counters
 from models.qwen2_vl_processing import smart_resize
 from models.qwen2_vl_vision import VisionTransformer
+from models.vision_testing import qwen2_vl_2b_vision_config, tiny_qwen2_vl_config
 from runtime.attention.encoder_attention import ENCODER_ATTENTION_BACKENDS
+from runtime.bench.results import ResultTable
 from runtime.worker.encoder_runner import EncoderRunner
 from runtime.platforms import current_platform
 
@@ -30,8 +32,8 @@ MODES = ("eager", "compiled", "captured")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_parser(sub: Any) -> None:
-    s = sub.add_parser("mm-encoder", help="vision encoder: attention backends x eager/compiled/captured")
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("mm-encoder", parents=parents, help="vision encoder: attention backends x eager/compiled/captured")
     s.add_argument("--shape", choices=["tiny", "qwen2-vl-2b"], default="tiny",
                    help="random encoder: the tests' tiny one, or Qwen2-VL-2B's vision tower shape")
     s.add_argument("--image-sizes", default="224x224,448x448,644x476",
@@ -44,12 +46,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--compile-backend", default=None, help="Dynamo backend (default: the platform's)")
     s.add_argument("--iters", type=int, default=10, help="timed runs per image size")
     s.add_argument("--warmup", type=int, default=3, help="untimed runs first")
-    s.add_argument("--json", default=None, help="write results to this file")
+    s.add_argument("--json", default=None, help="write results to this file (rewritten as each backend x mode finishes)")
 
 
 def _vision_config(shape: str) -> Any:
-    from models.vision_testing import qwen2_vl_2b_vision_config, tiny_qwen2_vl_config
-
     return qwen2_vl_2b_vision_config() if shape == "qwen2-vl-2b" else tiny_qwen2_vl_config().vision_config
 
 
@@ -60,7 +60,7 @@ def _grids(sizes: str, config: Any) -> list[tuple[str, tuple[int, int, int]]]:
         try:
             h, w = (int(v) for v in text.lower().split("x"))
         except ValueError:
-            raise SystemExit(f"--image-sizes: {text!r} is not HxW") from None
+            raise ValueError(f"--image-sizes: {text!r} is not HxW") from None
         rh, rw = smart_resize(h, w, factor, 56 * 56, 28 * 28 * 16384)
         out.append((text, (1, rh // config.patch_size, rw // config.patch_size)))
     return out
@@ -92,7 +92,8 @@ def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
     return samples
 
 
-def bench_mm_encoder(args: argparse.Namespace) -> list[dict[str, Any]]:
+def bench_mm_encoder(args: argparse.Namespace, table: ResultTable) -> None:
+    """A row per (backend, mode, image size); each backend x mode goes into ``table`` when measured."""
     config = _vision_config(args.shape)
     images = _grids(args.image_sizes, config)
     budgets = sorted({t * h * w for _, (t, h, w) in images})
@@ -100,17 +101,17 @@ def bench_mm_encoder(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = current_platform.device()
     unknown = [b for b in args.backends.split(",") if b not in ENCODER_ATTENTION_BACKENDS]
     if unknown:
-        raise SystemExit(f"--backends: unknown {unknown}; known: {', '.join(sorted(ENCODER_ATTENTION_BACKENDS))}")
-    rows = []
+        raise ValueError(f"--backends: unknown {unknown}; known: {', '.join(sorted(ENCODER_ATTENTION_BACKENDS))}")
     for backend in args.backends.split(","):
         for mode in args.modes.split(","):
             if mode not in MODES:
-                raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+                raise ValueError(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
             counters.reset()
             encoder = _encoder(config, backend, mode, dtype, args.compile_backend, budgets)
             decoder_config = CompilationConfig(encoder=encoder.compilation_config)
             runner = EncoderRunner(encoder, budgets[-1], device, decoder_config)
             runner.capture()
+            rows = []
             for label, grid in images:
                 n = grid[0] * grid[1] * grid[2]
                 pixels = torch.randn(n, encoder.patch_dim, device=device, dtype=dtype)
@@ -119,12 +120,6 @@ def bench_mm_encoder(args: argparse.Namespace) -> list[dict[str, Any]]:
                              "budget": runner.budget_for(n), "graphs": runner.graphs is not None,
                              "ms": 1e3 * statistics.median(samples), "ms_min": 1e3 * min(samples),
                              "traces": counters.dynamo_traces})
-            del runner, encoder
+            runner = encoder = None  # free this one's graphs and weights before the next
             current_platform.empty_cache()
-    return rows
-
-
-def main_mm_encoder(args: argparse.Namespace,
-                    report: Callable[[dict[str, Any], list[dict[str, Any]], str | None], None]) -> int:
-    report({"command": "mm-encoder", "shape": args.shape, "dtype": args.dtype}, bench_mm_encoder(args), args.json)
-    return 0
+            table.add(*rows)

@@ -36,7 +36,7 @@ class Executor(abc.ABC):
         """Every rank's ``Worker.method(*args)``, by rank (e.g. "set_dbo", "profile_start")."""
 
     def shutdown(self) -> None:
-        """Stop the workers; later calls fail."""
+        """Stop the worker processes, if any (an in-process worker ends with the engine)."""
 
 
 class InProcessExecutor(Executor):

@@ -1,35 +1,205 @@
-"""The benchmark CLI on a tiny checkpoint: DBO off and on measured side by side on one engine."""
+"""The benchmark CLI on tiny checkpoints: every subcommand with every flag it offers, one table schema
+per subcommand, and results saved as each config finishes (a killed run keeps them)."""
+from __future__ import annotations
+
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from models.testing import write_tiny_checkpoint
 from runtime.bench import cli as bench
+from runtime.bench.results import LATENCY_COLUMNS, MM_ENCODER_COLUMNS, THROUGHPUT_COLUMNS, ResultTable
+from tests.helpers import REPO_ROOT
+
+COMPILED = '{"mode": "compile", "backend": "eager", "passes": ["default"]}'
+TINY_LATENCY = ["--context", "8", "--steps", "2", "--warmup", "1", "--kv-cache-memory-gb", "0.05"]
+
+# Every invocation the tests below make, by name: test_every_flag_is_exercised checks that together they
+# use each option the parser offers. "{llama}", "{moe}", "{json}" are filled in per test.
+INVOCATIONS = {
+    # The command of the issue: an engine config, a compiled one and the transformers baseline.
+    "latency_hf_baseline": ["latency", "--model", "{llama}", "--dtype", "bfloat16", "--batch-sizes", "1", "4",
+                            "--config", "default={}", "--config", f"best={COMPILED}", "--hf-baseline",
+                            "--json", "{json}", *TINY_LATENCY],
+    "latency_graph_modes": ["latency", "--model", "{llama}", "--dtype", "float32", "--batch-sizes", "2",
+                            "--graph-mode", "none", "--graph-mode", "piecewise", "--graph-mode", "full_and_piecewise",
+                            "--backend", "eager", "--capture-sizes", "1", "2", "4", "--count-kernels",
+                            "--max-num-batched-tokens", "64", "--log-level", "ERROR", "--json", "{json}",
+                            *TINY_LATENCY],
+    "latency_tp_dbo": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo",
+                       "--dbo-decode-token-threshold", "4", "--dbo-prefill-token-threshold", "16",
+                       "--batch-sizes", "4", "8", "--tensor-parallel-size", "2", "--json", "{json}", *TINY_LATENCY],
+    "latency_moe_ep": ["latency", "--model", "{moe}", "--dtype", "float32", "--batch-sizes", "2",
+                       "--tensor-parallel-size", "2", "--enable-expert-parallel", "--json", "{json}", *TINY_LATENCY],
+    "throughput_dbo": ["throughput", "--model", "{llama}", "--dtype", "float32", "--num-requests", "6",
+                       "--input-len", "8", "--output-len", "4", "--max-num-seqs", "4", "--max-num-batched-tokens",
+                       "64", "--kv-cache-memory-gb", "0.05", "--dbo", "--dbo-decode-token-threshold", "2",
+                       "--dbo-prefill-token-threshold", "8", "--config", f"compiled={COMPILED}", "--backend",
+                       "eager", "--graph-mode", "piecewise", "--capture-sizes", "1", "2", "4", "--json", "{json}"],
+    "throughput_tp": ["throughput", "--model", "{moe}", "--dtype", "float32", "--num-requests", "4",
+                      "--input-len", "8", "--output-len", "3", "--max-num-seqs", "4", "--kv-cache-memory-gb", "0.05",
+                      "--tensor-parallel-size", "2", "--enable-expert-parallel", "--log-level", "ERROR",
+                      "--json", "{json}"],
+    "mm_encoder": ["mm-encoder", "--shape", "tiny", "--image-sizes", "56x56,84x112", "--backends", "sdpa,naive",
+                   "--modes", "eager,compiled,captured", "--dtype", "float32", "--compile-backend", "eager",
+                   "--iters", "1", "--warmup", "0", "--log-level", "INFO", "--json", "{json}"],
+}
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_latency_with_dbo_measures_off_and_on_on_one_engine(tmp_path, tp):
-    path = write_tiny_checkpoint("LlamaForCausalLM", str(tmp_path / "ckpt"))
-    out = tmp_path / "rows.json"
-    argv = ["latency", "--model", path, "--dtype", "float32", "--dbo", "--dbo-decode-token-threshold", "4",
-            "--batch-sizes", "4", "8", "--context", "8", "--steps", "2", "--warmup", "1",
-            "--kv-cache-memory-gb", "0.05", "--tensor-parallel-size", str(tp), "--json", str(out)]
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    return {"llama": write_tiny_checkpoint("LlamaForCausalLM", str(root / "llama")),
+            "moe": write_tiny_checkpoint("Qwen3MoeForCausalLM", str(root / "moe"))}
+
+
+def _run(name: str, checkpoints: dict[str, str], tmp_path, capsys) -> tuple[list[dict], str]:
+    """Run one named invocation in this process; the JSON rows and the printed table."""
+    out = tmp_path / f"{name}.json"
+    fill = {"{json}": str(out), "{llama}": checkpoints["llama"], "{moe}": checkpoints["moe"]}
+    argv = [fill.get(a, a) for a in INVOCATIONS[name]]
     assert bench.main(argv) == 0
-    rows = json.loads(out.read_text())["results"]
+    printed = capsys.readouterr().out
+    document = json.loads(out.read_text())
+    assert document["command"] == argv[0] and "device" in document and "torch" in document
+    return document["results"], printed
+
+
+def _check_schema(rows: list[dict], columns: tuple[str, ...], printed: str) -> None:
+    assert rows and all(list(r) == list(columns) for r in rows), "every row has the table's columns, in order"
+    table = printed.strip().splitlines()
+    header = next(i for i, line in enumerate(table) if line.split() == list(columns))
+    assert len(table) - header - 1 == len(rows), "one printed line per row"
+
+
+def test_the_issue_command_prints_its_table_and_writes_its_json(checkpoints, tmp_path, capsys):
+    rows, printed = _run("latency_hf_baseline", checkpoints, tmp_path, capsys)
+    _check_schema(rows, LATENCY_COLUMNS, printed)
+    assert [(r["config"], r["batch"]) for r in rows] == [("default", 1), ("default", 4), ("best", 1), ("best", 4),
+                                                         ("transformers-eager", 1), ("transformers-eager", 4)]
+    baseline = rows[-1]
+    assert baseline["median_ms"] > 0 and baseline["collective_ms"] is None and baseline["graph_pool_mib"] is None
+    assert rows[2]["pass_matches"] > 0 and rows[0]["pass_matches"] == 0
+
+
+def test_latency_graph_modes_and_kernel_counting(checkpoints, tmp_path, capsys):
+    rows, printed = _run("latency_graph_modes", checkpoints, tmp_path, capsys)
+    _check_schema(rows, LATENCY_COLUMNS, printed)
+    assert [r["config"] for r in rows] == ["none", "piecewise", "full_and_piecewise"]
+    assert all(r["forward_ms"] > 0 for r in rows)
+    # The CPU profiler sees the CPU's kernels; a platform whose kernels are invisible leaves the column blank.
+    assert all(r["kernels_per_step"] is None or r["kernels_per_step"] > 0 for r in rows)
+
+
+def test_latency_with_dbo_under_tensor_parallelism_measures_off_and_on_on_one_engine(checkpoints, tmp_path, capsys):
+    rows, printed = _run("latency_tp_dbo", checkpoints, tmp_path, capsys)
+    _check_schema(rows, LATENCY_COLUMNS, printed)
     assert [(r["config"], r["batch"]) for r in rows] == [("eager,dbo=off", 4), ("eager,dbo=on", 4),
                                                           ("eager,dbo=off", 8), ("eager,dbo=on", 8)]
-    # One engine start for both states; only the "on" runs split steps.
-    assert len({r["cold_start_s"] for r in rows}) == 1
+    assert len({r["cold_start_s"] for r in rows}) == 1, "one engine start for both states"
     assert [r["dbo_steps"] > 0 for r in rows] == [False, True, False, True]
+    assert all(r["tp"] == 2 and r["forward_ms"] > 0 for r in rows)
 
 
-def test_switching_dbo_on_needs_an_engine_started_with_it(tmp_path):
+def test_latency_of_an_moe_model_with_expert_parallelism(checkpoints, tmp_path, capsys):
+    rows, printed = _run("latency_moe_ep", checkpoints, tmp_path, capsys)
+    _check_schema(rows, LATENCY_COLUMNS, printed)
+    assert [(r["config"], r["tp"]) for r in rows] == [("eager", 2)]
+
+
+def test_throughput_with_dbo_and_a_graph_mode(checkpoints, tmp_path, capsys):
+    rows, printed = _run("throughput_dbo", checkpoints, tmp_path, capsys)
+    _check_schema(rows, THROUGHPUT_COLUMNS, printed)
+    # Throughput measures the first config only, DBO off then on.
+    assert [r["config"] for r in rows] == ["compiled,dbo=off", "compiled,dbo=on"]
+    assert all(r["requests"] == 6 and r["output_tokens_per_s"] > 0 for r in rows)
+    assert rows[1]["dbo_steps"] > 0 == rows[0]["dbo_steps"]
+
+
+def test_throughput_under_tensor_and_expert_parallelism(checkpoints, tmp_path, capsys):
+    rows, printed = _run("throughput_tp", checkpoints, tmp_path, capsys)
+    _check_schema(rows, THROUGHPUT_COLUMNS, printed)
+    assert [(r["config"], r["requests"], r["tp"]) for r in rows] == [("eager", 4, 2)]
+
+
+def test_mm_encoder_runs_every_backend_and_mode(checkpoints, tmp_path, capsys):
+    rows, printed = _run("mm_encoder", checkpoints, tmp_path, capsys)
+    _check_schema(rows, MM_ENCODER_COLUMNS, printed)
+    assert {(r["backend"], r["mode"]) for r in rows} == {(b, m) for b in ("sdpa", "naive")
+                                                         for m in ("eager", "compiled", "captured")}
+    assert [r["patches"] for r in rows[:2]] == [16, 48] and all(r["ms"] > 0 for r in rows)
+    assert all(r["traces"] == (0 if r["mode"] == "eager" else 1) for r in rows), "one trace serves both sizes"
+
+
+def test_every_flag_is_exercised():
+    used = {arg for argv in INVOCATIONS.values() for arg in argv if arg.startswith("--")}
+    parser = bench.build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    missing = {}
+    for name, sub in subparsers.items():
+        options = {o for action in sub._actions for o in action.option_strings if o.startswith("--")} - {"--help"}
+        tested = {o for argv in INVOCATIONS.values() if argv[0] == name for o in argv if o.startswith("--")}
+        if options - tested:
+            missing[name] = sorted(options - tested)
+    top = {o for action in parser._actions for o in action.option_strings if o.startswith("--")} - {"--help"}
+    assert not missing and top <= used, f"flags no test runs: {missing or sorted(top - used)}"
+    assert "--log-level" in used
+
+
+def test_a_bad_config_is_one_line_and_keeps_the_earlier_configs(checkpoints, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["latency", "--model", checkpoints["llama"], "--dtype", "float32", "--batch-sizes", "2",
+            "--config", "ok={}", "--config", 'bad={"mode": "compile", "backend": "no-such-backend"}',
+            "--json", str(out), *TINY_LATENCY]
+    assert bench.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "error: unknown compile backend 'no-such-backend'" in captured.err
+    assert [r["config"] for r in json.loads(out.read_text())["results"]] == ["ok"]
+    assert "ok" in captured.out, "what was measured is still printed"
+
+
+def test_a_row_outside_the_schema_is_refused(tmp_path):
+    table = ResultTable(("config", "ms"), {"command": "x"}, str(tmp_path / "t.json"))
+    table.add({"config": "a", "ms": 1.0}, {"config": "b"})
+    assert json.loads((tmp_path / "t.json").read_text())["results"] == [{"config": "a", "ms": 1.0},
+                                                                       {"config": "b", "ms": None}]
+    assert table.format().splitlines()[-1].split() == ["b", "-"]
+    with pytest.raises(KeyError, match="collective_ms"):
+        table.add({"config": "c", "collective_ms": 2.0})
+
+
+def test_killing_the_run_during_the_second_config_keeps_the_first_configs_results(checkpoints, tmp_path):
+    out = tmp_path / "rows.json"
+    # The second config compiles (a Dynamo trace, seconds on the CPU) before it measures anything.
+    argv = ["latency", "--model", checkpoints["llama"], "--dtype", "float32", "--batch-sizes", "1", "2",
+            "--config", "first={}", "--config", f"second={COMPILED}", "--json", str(out), *TINY_LATENCY]
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.bench", *argv], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 300
+        while not out.exists():
+            assert proc.poll() is None, "the benchmark ended before writing the first config"
+            assert time.monotonic() < deadline, "no results file after 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "killed while the second config ran, not after the run"
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["config"], r["batch"]) for r in rows] == [("first", 1), ("first", 2)]
+
+
+def test_switching_dbo_on_needs_an_engine_started_with_it(checkpoints):
     from models.loader import load_model
     from runtime import LLM
 
-    path = write_tiny_checkpoint("LlamaForCausalLM", str(tmp_path / "ckpt"))
-    llm = LLM.from_loaded(load_model(path, dtype="float32", device="cpu"), max_num_seqs=4, max_model_len=32,
-                          num_kv_blocks=16)
+    llm = LLM.from_loaded(load_model(checkpoints["llama"], dtype="float32", device="cpu"), max_num_seqs=4,
+                          max_model_len=32, num_kv_blocks=16)
     llm.engine.set_dbo(False)
     with pytest.raises(ValueError, match="started without DBO"):
         llm.engine.set_dbo(True)

@@ -203,18 +203,3 @@ def test_png_decoder_reads_every_row_filter_and_data_urls():
         decode_data_url("data:image/png;base64,@@@")
     with pytest.raises(ImageError, match="does not exist"):
         load_image("/no/such/image.png")
-
-
-def test_mm_encoder_bench_runs_every_backend_and_mode(tmp_path, capsys):
-    import json
-
-    from runtime.bench.cli import main
-
-    out = tmp_path / "mm.json"
-    assert main(["mm-encoder", "--image-sizes", "56x56,84x112", "--iters", "1", "--warmup", "0",
-                 "--modes", "eager,compiled", "--compile-backend", "eager", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["results"]
-    assert {(r["backend"], r["mode"]) for r in rows} == {(b, m) for b in ENCODER_ATTENTION_BACKENDS
-                                                         for m in ("eager", "compiled")}
-    assert [r["patches"] for r in rows[:2]] == [16, 48] and all(r["ms"] > 0 for r in rows)
-    assert all(r["traces"] == (0 if r["mode"] == "eager" else 1) for r in rows), "one trace serves both sizes"

@@ -1,0 +1,107 @@
+"""What the latency and throughput benchmarks share: the configs to run, the model and the engine."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from compiler import CompilationConfig
+from models.default import default_model_path
+from models.loader import LoadedModel, load_model, resolve_dtype
+from models.testing import build_random_model, llama_1b_config, save_random_checkpoint
+from runtime.engine.llm import LLM
+from runtime.platforms import current_platform
+
+RANDOM_1B = "random-1b"
+
+
+def load_model_for(args: argparse.Namespace, compilation: CompilationConfig | None = None) -> LoadedModel | None:
+    """The model in this process; None under tensor parallelism (each rank's worker loads its shard)."""
+    if args.tensor_parallel_size > 1:
+        return None
+    if args.model == RANDOM_1B:
+        config = llama_1b_config()
+        dtype = resolve_dtype(args.dtype, config)
+        device = current_platform.device()
+        model = build_random_model(config, dtype, device, compilation_config=compilation)
+        return LoadedModel(model, config, None, dtype, device, compilation)
+    return load_model(args.model or default_model_path(), args.dtype, compilation_config=compilation)
+
+
+def named_configs(args: argparse.Namespace) -> list[tuple[str, CompilationConfig]]:
+    """--config NAME=JSON (repeatable) or --graph-mode MODE ...; default: eager only."""
+    named = []
+    for spec in args.config or []:
+        name, _, text = spec.partition("=")
+        named.append((name, CompilationConfig.from_json(text or "{}")))
+    for mode in args.graph_mode or []:
+        cfg = {"none": {"mode": "eager"}}.get(mode, {"mode": "compile", "backend": args.backend,
+                                                     "graph_mode": mode, "capture_sizes": args.capture_sizes})
+        named.append((mode, CompilationConfig.from_dict(cfg)))
+    return named or [("eager", CompilationConfig())]
+
+
+def checkpoint_path(args: argparse.Namespace) -> str:
+    """A path workers can load; random-1b is written once as a checkpoint (random weights, so
+    every rank shards the same tensors)."""
+    if args.model != RANDOM_1B:
+        return args.model or default_model_path()
+    config = llama_1b_config()
+    dtype = resolve_dtype(args.dtype, config)
+    directory = os.path.join(tempfile.gettempdir(), f"graphmode-random-1b-{str(dtype).removeprefix('torch.')}")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        save_random_checkpoint(config, directory, dtype=dtype)
+    return directory
+
+
+def runner_stats(llm: LLM) -> dict[str, Any]:
+    """Graph pool, counters and DBO steps of the rank 0 runner."""
+    info = llm.engine.executor.call_workers("runner_info", ["graphs.pool_bytes", "dbo_steps"])[0]
+    return {"pool_bytes": info["graphs.pool_bytes"], "counters": argparse.Namespace(**info["counters"]),
+            "dbo_steps": info["dbo_steps"]}
+
+
+def kv_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"kv_cache_memory_gb": args.kv_cache_memory_gb} if args.kv_cache_memory_gb else {}
+
+
+def random_prompt(vocab: int, length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 1, (length,), generator=g).tolist()
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, CompilationConfig, dict[str, Any], list[bool | None]]]:
+    """Each config with its engine arguments and the DBO states to measure on that one engine: with
+    --dbo the engine starts with DBO and each measurement runs off, then on (``EngineCore.set_dbo``),
+    so both sit side by side on the same compiled model, graphs and workers."""
+    if not args.dbo:
+        return [(name, compilation, {}, [None]) for name, compilation in named_configs(args)]
+    dbo = {"enable_dbo": True, "dbo_decode_token_threshold": args.dbo_decode_token_threshold,
+           "dbo_prefill_token_threshold": args.dbo_prefill_token_threshold}
+    return [(name, compilation, dbo, [False, True]) for name, compilation in named_configs(args)]
+
+
+def row_name(name: str, dbo: bool | None) -> str:
+    return name if dbo is None else f"{name},dbo={'on' if dbo else 'off'}"
+
+
+def set_dbo(llm: LLM, dbo: bool | None) -> int:
+    """Apply a DBO state (None: leave as started); the DBO steps run so far, to count this run's."""
+    if dbo is not None:
+        llm.engine.set_dbo(dbo)
+    return runner_stats(llm)["dbo_steps"]
+
+
+def make_engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: int,
+            engine_args: dict[str, Any] | None = None, compilation: CompilationConfig | None = None) -> LLM:
+    common = dict(max_num_seqs=max_num_seqs, max_model_len=max_len,
+                  max_num_batched_tokens=max(args.max_num_batched_tokens, max_len),
+                  enable_prefix_caching=False, **kv_args(args), **(engine_args or {}))
+    if loaded is None:  # tensor parallelism: the workers load the checkpoint
+        return LLM(checkpoint_path(args), dtype=args.dtype, compilation_config=compilation,
+                   tensor_parallel_size=args.tensor_parallel_size,
+                   enable_expert_parallel=args.enable_expert_parallel, **common)
+    return LLM.from_loaded(loaded, **common)
