@@ -1,35 +1,41 @@
-"""Reading images into [H, W, 3] uint8 tensors: arrays, tensors, files, bytes and ``data:`` URLs.
+"""Reading images for vision models: files, bytes, ``data:`` URLs, arrays and tensors, through Pillow.
 
-PNG (8-bit grey / grey+alpha / RGB / RGBA, non-interlaced) is decoded here with zlib, so the
-runtime needs neither Pillow nor torchvision for it; other formats (JPEG, WebP, ...) go through
-Pillow when it is installed, else the error says to install it.
+Every encoded format Pillow reads works (PNG, JPEG, WebP, GIF, BMP, TIFF, ...). An image is decoded
+in full here, so a truncated or corrupt file is an ``ImageError`` before a request is scheduled, and
+one larger than ``MAX_IMAGE_PIXELS`` is refused from its header, before anything is decompressed
+(a decompression bomb: a few kilobytes that claim 30000x30000 pixels).
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
-import struct
-import zlib
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> channels
+# 64 Mi pixels: a 12-megapixel photo fits five times over; the processor resizes everything down to
+# the encoder's patch budget anyway, so larger images only cost decode time and memory.
+MAX_IMAGE_PIXELS = 64 * 2**20
 
 
 class ImageError(ValueError):
     """An image that cannot be read; the message names the problem in one line."""
 
 
-def load_image(image: Any) -> torch.Tensor:
-    """[H, W, 3] uint8 from a tensor/array (HWC, uint8 or floats in [0, 1]), a path, bytes or a data: URL."""
+def load_image(image: Any) -> Image.Image:
+    """A decoded Pillow image from a path, bytes, a data: URL, a Pillow image or an HWC array/tensor
+    (uint8, or floats in [0, 1]). Colour modes are kept: the image processor converts to RGB."""
+    if isinstance(image, Image.Image):
+        return image
     if isinstance(image, torch.Tensor):
-        return _to_rgb(image)
+        return _from_array(image.detach().cpu().numpy())
     if isinstance(image, np.ndarray):
-        return _to_rgb(torch.from_numpy(np.ascontiguousarray(image)))
+        return _from_array(image)
     if isinstance(image, (bytes, bytearray)):
         return decode_image(bytes(image))
     if isinstance(image, str):
@@ -39,8 +45,6 @@ def load_image(image: Any) -> torch.Tensor:
             raise ImageError(f"image file {image!r} does not exist")
         with open(image, "rb") as f:
             return decode_image(f.read())
-    if hasattr(image, "convert"):  # a PIL image
-        return _to_rgb(torch.from_numpy(np.asarray(image.convert("RGB"))))
     raise ImageError(f"cannot read an image from a {type(image).__name__}")
 
 
@@ -54,106 +58,34 @@ def decode_data_url(url: str) -> bytes:
         raise ImageError("image data URL is not valid base64") from None
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    if data.startswith(_PNG_SIGNATURE):
-        return _to_rgb(decode_png(data))
+def decode_image(data: bytes) -> Image.Image:
     try:
-        import io
-
-        from PIL import Image
-    except ImportError:
-        raise ImageError("only PNG images can be decoded without Pillow; install pillow for other formats") from None
+        with warnings.catch_warnings():  # past Pillow's warning size we refuse the image ourselves, below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # Pillow's own, far higher limit, checked while opening
+        raise ImageError(f"image is too large ({e})") from None
+    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ImageError("not an image file Pillow can read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels; at most {MAX_IMAGE_PIXELS} "
+                         "are accepted")
     try:
-        return _to_rgb(torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))))
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad data
-        raise ImageError(f"cannot decode image: {e}") from None
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:  # truncated data, a broken stream
+        raise ImageError(f"{image.format or 'image'} data is truncated or corrupt ({e})") from None
+    return image
 
 
-def _to_rgb(image: torch.Tensor) -> torch.Tensor:
-    if image.dim() == 2:
-        image = image[..., None]
-    if image.dim() != 3 or image.shape[-1] not in (1, 2, 3, 4):
-        raise ImageError(f"image must be [H, W, C] with C in 1..4, got shape {tuple(image.shape)}")
-    if image.dtype.is_floating_point:
-        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    elif image.dtype != torch.uint8:
-        raise ImageError(f"image must be uint8 or float, got {image.dtype}")
-    channels = image.shape[-1]
-    if channels in (1, 2):  # grey (+ alpha): replicate grey, drop alpha
-        image = image[..., :1].expand(*image.shape[:2], 3)
-    return image[..., :3].contiguous()
-
-
-def decode_png(data: bytes) -> torch.Tensor:
-    """[H, W, C] uint8 of an 8-bit, non-interlaced PNG."""
-    pos, idat, header = len(_PNG_SIGNATURE), [], None
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        pos += 12 + length
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-    if header is None or not idat:
-        raise ImageError("PNG has no IHDR or IDAT chunk")
-    width, height, depth, colour, _, _, interlace = header
-    if depth != 8 or colour not in _PNG_CHANNELS or interlace:
-        raise ImageError(f"PNG with bit depth {depth}, colour type {colour}, interlace {interlace} needs Pillow")
-    channels = _PNG_CHANNELS[colour]
-    try:
-        raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
-    except zlib.error as e:
-        raise ImageError(f"PNG data is corrupt ({e})") from None
-    stride = width * channels
-    if raw.size != height * (stride + 1):
-        raise ImageError("PNG data has the wrong size for its header")
-    return torch.from_numpy(_unfilter(raw.reshape(height, stride + 1), channels).reshape(height, width, channels))
-
-
-def _unfilter(rows: np.ndarray, bpp: int) -> np.ndarray:
-    out = np.zeros((rows.shape[0], rows.shape[1] - 1), dtype=np.int32)
-    prev = np.zeros(out.shape[1], dtype=np.int32)
-    for y in range(rows.shape[0]):
-        kind, line = rows[y, 0], rows[y, 1:].astype(np.int32)
-        if kind == 0:
-            cur = line
-        elif kind == 1:  # sub: a running sum per channel
-            cur = (np.cumsum(line.reshape(-1, bpp), axis=0) & 0xFF).reshape(-1)
-        elif kind == 2:
-            cur = (line + prev) & 0xFF
-        else:  # average and paeth depend on the left result too: byte by byte
-            cur = np.zeros_like(line)
-            for x in range(line.size):
-                left = cur[x - bpp] if x >= bpp else 0
-                up_left = prev[x - bpp] if x >= bpp else 0
-                if kind == 3:
-                    pred = (left + prev[x]) >> 1
-                elif kind == 4:
-                    pred = _paeth(left, prev[x], up_left)
-                else:
-                    raise ImageError(f"PNG row filter {kind} is not valid")
-                cur[x] = (line[x] + pred) & 0xFF
-        out[y], prev = cur, cur
-    return out.astype(np.uint8)
-
-
-def _paeth(a: int, b: int, c: int) -> int:
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-
-
-def encode_png(image: torch.Tensor) -> bytes:
-    """An RGB uint8 [H, W, 3] tensor as PNG bytes (filter 0): for tests and examples."""
-    image = _to_rgb(image)
-    h, w, _ = image.shape
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), image.numpy().reshape(h, w * 3)], axis=1).tobytes()
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    return (_PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ImageError(f"image array must be HxW or HxWxC with 1, 3 or 4 channels, got shape {tuple(array.shape)}")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ImageError(f"image array must be uint8 or float in [0, 1], got {array.dtype}")
+        array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
+    return Image.fromarray(np.ascontiguousarray(array[..., 0] if mode == "L" else array), mode=mode)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from PIL import Image
 
 from models.vision_images import ImageError, load_image
 from runtime.serve.errors import bad_request
@@ -19,8 +19,9 @@ def image_placeholder(core: Any) -> str | None:
     return "".join(core.tokenizer.convert_ids_to_tokens(ids))
 
 
-def decode_images(urls: list[str]) -> list[torch.Tensor]:
-    """[H, W, 3] uint8 per URL; a URL that is not a readable data: URL is a 400 naming the image."""
+def decode_images(urls: list[str]) -> list[Image.Image]:
+    """A decoded image per URL; a URL that is not a readable data: URL is a 400 naming the image and
+    the problem (not base64, not an image, truncated, too many pixels)."""
     images = []
     for i, url in enumerate(urls):
         if not url.startswith("data:"):

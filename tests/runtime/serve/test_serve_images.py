@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import base64
+import io
 
 import pytest
 import torch
+from PIL import Image
 
-from models.vision_images import encode_png
 from models.vision_testing import write_tiny_qwen2_vl_checkpoint, write_tiny_qwen2_vl_tokenizer
 from tests.helpers.serve import running_server
 
@@ -15,7 +16,9 @@ openai = pytest.importorskip("openai")
 ENGINE_ARGS = ("--served-model-name", "tiny-vl", "--dtype", "float32", "--max-image-patches", "256",
                "--max-num-batched-tokens", "32")
 IMAGE = torch.randint(0, 256, (56, 84, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-DATA_URL = "data:image/png;base64," + base64.b64encode(encode_png(IMAGE)).decode()
+_PNG = io.BytesIO()
+Image.fromarray(IMAGE.numpy()).save(_PNG, format="PNG")
+DATA_URL = "data:image/png;base64," + base64.b64encode(_PNG.getvalue()).decode()
 MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                          {"type": "image_url", "image_url": {"url": DATA_URL}}]}]
 
@@ -66,4 +69,31 @@ def test_chat_with_an_image_matches_the_offline_engine(client, checkpoint):
 def test_image_url_that_is_not_a_data_url_is_a_400(client):
     bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
     with pytest.raises(openai.BadRequestError, match="data: URLs"):
+        client.chat.completions.create(model="tiny-vl", messages=bad, max_tokens=2)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG header claiming width x height pixels over a few bytes of data (a decompression bomb)."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("kind", ["bomb", "truncated-jpeg"])
+def test_a_decompression_bomb_or_a_truncated_jpeg_is_a_400_naming_it(client, kind):
+    if kind == "bomb":
+        url, expected = "data:image/png;base64," + base64.b64encode(_bomb_png(30000, 30000)).decode(), "too large"
+    else:
+        jpeg = io.BytesIO()
+        Image.fromarray(IMAGE.numpy()).save(jpeg, format="JPEG")
+        data = jpeg.getvalue()[: len(jpeg.getvalue()) // 2]
+        url, expected = "data:image/jpeg;base64," + base64.b64encode(data).decode(), "truncated or corrupt"
+    bad = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                        {"type": "image_url", "image_url": {"url": url}}]}]
+    with pytest.raises(openai.BadRequestError, match=f"image 0: .*{expected}"):
         client.chat.completions.create(model="tiny-vl", messages=bad, max_tokens=2)

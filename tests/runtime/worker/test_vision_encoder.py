@@ -1,17 +1,20 @@
-"""The vision encoder's pieces: attention backends on packed images, padded budgets, preprocessing, PNG."""
+"""The vision encoder's pieces: attention backends on packed images, padded budgets, image reading and preprocessing."""
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from compiler import CompilationConfig, counters
-from models.qwen2_vl_processing import ImageSettings, preprocess_image, smart_resize
+from models.qwen2_vl_processing import Qwen2VLInputProcessor, smart_resize
 from models.qwen2_vl_vision import VisionTransformer, encoder_inputs
-from models.vision_images import ImageError, decode_data_url, decode_png, encode_png, load_image
+from models.vision_images import ImageError, decode_data_url, load_image
 from models.vision_testing import tiny_qwen2_vl_config
 from runtime.attention.encoder_attention import (ENCODER_ATTENTION_BACKENDS, block_diagonal_mask,
                                                  reference_packed_attention)
@@ -140,66 +143,80 @@ def test_default_budgets_are_merge_block_multiples_up_to_the_largest_image():
 
 
 # ---- preprocessing and image files ------------------------------------------------------------
-def test_preprocess_matches_transformers_processor_without_resize():
-    pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
-                              reason="transformers' Qwen2-VL processors need Pillow or torchvision",
-                              exc_type=ImportError)  # transformers raises ImportError, not ModuleNotFound
-    image = torch.randint(0, 256, (56, 84, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    ref = pil.Qwen2VLImageProcessorPil()(images=[image.numpy()], return_tensors="pt")
-    ours = preprocess_image(image, ImageSettings())
-    assert ours.grid == tuple(ref["image_grid_thw"][0].tolist())
-    torch.testing.assert_close(ours.pixel_values, ref["pixel_values"], atol=1e-5, rtol=1e-5)
+def _encoded(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(buf, format=fmt)
+    return buf.getvalue()
 
 
-def test_preprocess_layout_puts_each_patch_in_its_merge_block():
-    # A 56x56 image whose pixel values encode their 14-px patch: (row, column) -> 10 * row + column.
-    image = torch.zeros(56, 56, 3, dtype=torch.uint8)
-    for r in range(4):
-        for c in range(4):
-            image[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] = 10 * r + c
-    s = ImageSettings(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
-    out = preprocess_image(image, s)
-    assert out.grid == (1, 4, 4)
-    order = out.pixel_values[:, 0].round().int().tolist()
-    assert order == [0, 1, 10, 11, 2, 3, 12, 13, 20, 21, 30, 31, 22, 23, 32, 33]
+def _mixed_images() -> list[bytes]:
+    """Six encoded images of mixed sizes, formats and colour modes."""
+    rng = np.random.default_rng(0)
+
+    def rgb(h, w):
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+    rgba = np.concatenate([rgb(90, 60), rng.integers(0, 256, (90, 60, 1), dtype=np.uint8)], axis=-1)
+    return [_encoded(rgb(56, 84), "PNG"), _encoded(rgb(333, 500), "JPEG"), _encoded(rgba, "PNG"),
+            _encoded(rgb(128, 40), "PNG", mode="L"), _encoded(rgb(700, 1200), "JPEG", mode="L"),
+            _encoded(rgb(64, 64), "WEBP")]
+
+
+def test_pixel_values_equal_transformers_processor_output():
+    from models.qwen2_vl_processing import image_processor_class
+
+    config = tiny_qwen2_vl_config()
+    processor = Qwen2VLInputProcessor(config, None)
+    reference = image_processor_class()(patch_size=14, temporal_patch_size=2, merge_size=2)
+    for data in _mixed_images():
+        ours = processor.preprocess([load_image(data)])[0]
+        ref = reference(images=[Image.open(io.BytesIO(data))], return_tensors="pt")
+        assert ours.grid == tuple(ref["image_grid_thw"][0].tolist())
+        assert torch.equal(ours.pixel_values, ref["pixel_values"].float())
+
+
+def test_patch_budget_resizes_large_images_down():
+    config = tiny_qwen2_vl_config()
+    processor = Qwen2VLInputProcessor(config, None, max_image_patches=256)
+    patches = processor.preprocess([load_image(_encoded(np.zeros((700, 1200, 3), np.uint8), "PNG"))])[0]
+    assert patches.num_patches <= 256 and patches.grid[1] % 2 == 0 == patches.grid[2] % 2
     assert smart_resize(100, 70, 28, 56 * 56, 28 * 28 * 1280) == (112, 56)
 
 
-def _png_with_filters(image: np.ndarray) -> bytes:
-    """A PNG whose rows cycle through filters 0..4 (our encoder writes only filter 0)."""
-    h, w, _ = image.shape
-    raw, prev, rows = image.reshape(h, w * 3).astype(np.int32), np.zeros(w * 3, np.int32), []
-    for y in range(h):
-        kind, line = y % 5, raw[y]
-        left = np.concatenate([np.zeros(3, np.int32), line[:-3]])
-        up_left = np.concatenate([np.zeros(3, np.int32), prev[:-3]])
-        pred = [np.zeros_like(line), left, prev, (left + prev) >> 1,
-                np.array([_paeth(a, b, c) for a, b, c in zip(left, prev, up_left)])][kind]
-        rows.append(bytes([kind]) + ((line - pred) & 0xFF).astype(np.uint8).tobytes())
-        prev = line
-    png = bytearray(encode_png(torch.from_numpy(image)))
-    start = png.index(b"IDAT") - 4
-    length = int.from_bytes(png[start:start + 4], "big")
-    body = zlib.compress(b"".join(rows))
-    chunk = len(body).to_bytes(4, "big") + b"IDAT" + body + zlib.crc32(b"IDAT" + body).to_bytes(4, "big")
-    return bytes(png[:start]) + chunk + bytes(png[start + 12 + length:])
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no data: a decompression bomb's shape."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
 
 
-def _paeth(a, b, c):
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-
-
-def test_png_decoder_reads_every_row_filter_and_data_urls():
-    import base64
-
-    image = np.random.default_rng(0).integers(0, 256, (10, 7, 3), dtype=np.uint8)
-    assert torch.equal(decode_png(encode_png(torch.from_numpy(image))), torch.from_numpy(image))
-    assert torch.equal(decode_png(_png_with_filters(image)), torch.from_numpy(image))
-    url = "data:image/png;base64," + base64.b64encode(encode_png(torch.from_numpy(image))).decode()
-    assert torch.equal(load_image(url), torch.from_numpy(image))
+def test_bad_images_are_one_line_errors():
+    with pytest.raises(ImageError, match=r"10000x10000 = 100000000 pixels; at most \d+ are accepted"):
+        load_image(_png_header_only(10000, 10000))
+    with pytest.raises(ImageError, match="image is too large .*decompression bomb"):
+        load_image(_png_header_only(30000, 30000))
+    jpeg = _encoded(np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8), "JPEG")
+    with pytest.raises(ImageError, match="JPEG data is truncated or corrupt"):
+        load_image(jpeg[: len(jpeg) // 2])
+    with pytest.raises(ImageError, match="not an image file"):
+        load_image(b"GIF89a but not really")
     with pytest.raises(ImageError, match="base64"):
         decode_data_url("data:image/png;base64,@@@")
     with pytest.raises(ImageError, match="does not exist"):
         load_image("/no/such/image.png")
+
+
+def test_images_load_from_every_input_kind(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (10, 7, 3), dtype=np.uint8)
+    png = _encoded(array, "PNG")
+    (tmp_path / "x.png").write_bytes(png)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    for source in (array, torch.from_numpy(array), array.astype(np.float32) / 255.0, png, url,
+                   str(tmp_path / "x.png"), Image.fromarray(array)):
+        assert np.array_equal(np.asarray(load_image(source).convert("RGB")), array)
+    with pytest.raises(ImageError, match="channels"):
+        load_image(np.zeros((4, 4, 2), np.uint8))
