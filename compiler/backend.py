@@ -35,6 +35,12 @@ class GraphModeBackend:
         self.pass_manager = pass_manager
         pass_uuid = pass_manager.uuid() if pass_manager is not None else "no-passes"
         self.cache = None
+        if config.cache_dir and not compiler.supports_cache:
+            logger.warning("%s: cache_dir is ignored: the %s backend's compiled pieces cannot be cached", tag,
+                           compiler.name)
+        if config.compile_sizes and not compiler.compiles_per_size:
+            logger.warning("%s: compile_sizes are ignored: the %s backend compiles one graph for every size", tag,
+                           compiler.name)
         if config.cache_dir and compiler.supports_cache:
             key = CompileCache.make_global_key(config.code_hash(), pass_uuid, model_source_hash, platform_name)
             self.cache = CompileCache(config.cache_dir, key)

@@ -14,6 +14,12 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
 
 
+def sequence_seed(seed: int, index: int) -> int:
+    """The seed of completion ``index`` of a request seeded ``seed``: consecutive, wrapping within the 64
+    bits a generator takes, so every valid seed gives ``n`` valid ones."""
+    return (seed + index) % 2**64
+
+
 def _is_int(value: object) -> bool:
     # bool is an int subclass, but True as a count or a seed is almost certainly a bug.
     return isinstance(value, int) and not isinstance(value, bool)
@@ -94,13 +100,16 @@ class SamplingParams:
 
     def _validate_penalties(self) -> None:
         rp = self.repetition_penalty
-        _check(_is_real(rp) and rp > 0 and math.isfinite(rp), "repetition_penalty", "> 0", rp)
+        # Logits are divided by it: below 0.01 they overflow to inf and sampling yields NaN.
+        _check(_is_real(rp) and 0.01 <= rp <= 100, "repetition_penalty", "in [0.01, 100]", rp)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_real(value) and -2 <= value <= 2, name, "in [-2, 2]", value)
 
     def _validate_misc(self) -> None:
-        _check(self.seed is None or _is_int(self.seed), "seed", "an int or None", self.seed)
+        # torch's generators take 64-bit seeds, signed or unsigned.
+        _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64), "seed",
+               "None or an int in [-2**63, 2**64)", self.seed)
         lp = self.logprobs
         _check(
             lp is None or (_is_int(lp) and 0 <= lp <= MAX_LOGPROBS),

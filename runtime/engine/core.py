@@ -19,7 +19,8 @@ from models.qwen2_vl_processing import Qwen2VLInputProcessor
 from models.registry import resolve_model_class
 from runtime.contracts.config import EngineConfig
 from runtime.contracts.request import Request, RequestStatus
-from runtime.contracts.sampling_params import SamplingParams
+from runtime.contracts.sampling_params import SamplingParams, sequence_seed
+from runtime.contracts.scheduler_output import SchedulerOutput
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.executor import Executor, InProcessExecutor
 from runtime.engine.kv_cache import KVCacheManager
@@ -61,7 +62,13 @@ class _Parent:
 
 
 def engine_max_model_len(config: EngineConfig, model_config: Any) -> int:
-    max_model_len = config.max_model_len or min(model_config.max_position_embeddings, 4096)
+    """The context length the engine serves: the config's, else the model's capped at 4096 (and later at
+    what the KV cache holds: ``EngineCore._fit_max_model_len``)."""
+    model_max = model_config.max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > model_max:
+        raise ValueError(f"max_model_len={config.max_model_len} is beyond this model's maximum context "
+                         f"({model_max} positions)")
+    max_model_len = config.max_model_len or min(model_max, 4096)
     if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
         raise ValueError(f"max_num_batched_tokens={config.max_num_batched_tokens} must be >= max_model_len="
                          f"{max_model_len} when chunked prefill is off")
@@ -95,6 +102,7 @@ class EngineCore:
         spec = WorkerSpec(config, self.max_model_len, self.model_config)
         self.executor: Executor = (MultiprocExecutor(spec) if config.tensor_parallel_size > 1
                                    else InProcessExecutor(spec, loaded))
+        self._fit_max_model_len()
         self.kv_cache = KVCacheManager(self.executor.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -102,6 +110,21 @@ class EngineCore:
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
         self.num_steps = 0
+
+    def _fit_max_model_len(self) -> None:
+        """One sequence of max_model_len tokens must fit the KV cache: an explicit max_model_len that does
+        not is refused (as vLLM does); the default one is lowered to what fits."""
+        capacity = self.executor.num_kv_blocks * self.config.block_size
+        if capacity >= self.max_model_len:
+            return
+        if self.config.max_model_len is not None:
+            self.executor.shutdown()
+            raise ValueError(f"max_model_len={self.max_model_len} does not fit the KV cache: "
+                             f"{self.executor.num_kv_blocks} blocks of {self.config.block_size} hold {capacity} tokens; "
+                             f"lower max_model_len to at most {capacity} or give the cache more memory "
+                             "(kv_cache_memory_gb, gpu_memory_utilization or num_kv_blocks)")
+        logger.info("max_model_len lowered from %d to %d: what the KV cache holds", self.max_model_len, capacity)
+        self.max_model_len = capacity
 
     def _check_shardable(self) -> None:
         if not getattr(self.model_class, "supports_tensor_parallel", False):
@@ -142,18 +165,20 @@ class EngineCore:
         if max(ids) >= self.model_config.vocab_size or min(ids) < 0:
             raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
         parent = _Parent(request_id, text, ids, [], RequestMetrics(time.monotonic()))
+        # Every completion is built before any is scheduled: a request is accepted whole or not at all.
         for i in range(params.n):
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            seed = None if params.seed is None else params.seed + i
+            seed = None if params.seed is None else sequence_seed(params.seed, i)
             req = Request(sub_id, ids, params, eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
                           multimodal=multimodal, seed=seed)
             detok = (IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
                                             params.skip_special_tokens) if self.tokenizer is not None else None)
-            seq = _Sequence(req, detok, CompletionOutput(i, "", [], None, [] if params.logprobs is not None else None))
-            parent.sequences.append(seq)
-            self._sequences[sub_id] = (parent, seq)
-            self.scheduler.add_request(req)
+            parent.sequences.append(
+                _Sequence(req, detok, CompletionOutput(i, "", [], None, [] if params.logprobs is not None else None)))
         self._parents[request_id] = parent
+        for seq in parent.sequences:
+            self._sequences[seq.request.request_id] = (parent, seq)
+            self.scheduler.add_request(seq.request)
 
     def abort_request(self, request_id: str) -> bool:
         parent = self._parents.get(request_id)
@@ -174,8 +199,14 @@ class EngineCore:
         sched = self.scheduler.schedule()
         touched: dict[str, _Parent] = {}
         self._collect_scheduler_aborts(sched.finished_ids, touched)
-        if sched.is_empty:
-            return [p.to_output() for p in touched.values()]
+        if not sched.is_empty:
+            self._run(sched, touched)
+        for parent in touched.values():
+            self._retire_if_done(parent)  # also the requests the scheduler gave up on, when nothing ran
+        return [p.to_output() for p in touched.values()]
+
+    def _run(self, sched: SchedulerOutput, touched: dict[str, _Parent]) -> None:
+        """Execute a scheduled step and hand each sampled token to its sequence."""
         result = self.executor.execute(sched)
         self.num_steps += 1
         finished = {r.request_id for r in self.scheduler.update_from_output(sched, result.sampled)}
@@ -188,9 +219,6 @@ class EngineCore:
             touched[parent.request_id] = parent
             parent.metrics.first_token_time = parent.metrics.first_token_time or now
             self._append_token(parent, seq, result.sampled[sub_id], result.logprobs.get(sub_id), sub_id in finished)
-        for parent in touched.values():
-            self._retire_if_done(parent)
-        return [p.to_output() for p in touched.values()]
 
     def _append_token(self, parent: _Parent, seq: _Sequence, token: int, logprob, finished: bool) -> None:
         seq.output.token_ids.append(token)
@@ -200,6 +228,8 @@ class EngineCore:
         if seq.detok is not None:
             _, hit_stop = seq.detok.add_token(token)
             seq.output.text = seq.detok.text
+        if hit_stop:
+            seq.request.finish_reason_detail = seq.detok.matched_stop  # OpenAI's stop_reason: the string
         if hit_stop and not finished:
             self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_STOPPED)
             finished = True

@@ -21,6 +21,7 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
         self._max_stop_len = max((len(s) for s in stop), default=0)
+        self.matched_stop: str | None = None  # the stop string that ended the output
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -48,6 +49,7 @@ class IncrementalDetokenizer:
         if not hits:
             return new_text, False
         index, stop = min(hits)
+        self.matched_stop = stop
         end = index + len(stop) if self.include_stop_str else index
         self.text = self.text[:end]
         return self.text[before:], True

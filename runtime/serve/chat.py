@@ -7,6 +7,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from runtime.contracts.sampling_params import MAX_LOGPROBS
 from runtime.engine.outputs import RequestOutput
 from runtime.serve.errors import bad_request
 from runtime.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -21,6 +22,9 @@ class ChatEndpoint(ServingBase):
         """The engine's logprobs setting: None (off) or how many alternatives to return."""
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+                              param="top_logprobs")
         return (req.top_logprobs or 0) if req.logprobs else None
 
     async def __call__(self, req: ChatCompletionRequest, raw: Request) -> Response:

@@ -103,6 +103,10 @@ def install_error_handlers(app: FastAPI) -> None:
             message = str(exc.detail)
         return error_response(APIError(exc.status_code, message), headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return error_response(bad_request("request body is nested too deeply to parse", code="invalid_json"))
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)

@@ -10,12 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.engine.async_engine import AsyncEngine
 from runtime.contracts.sampling_params import SamplingParams
+from runtime.engine.async_engine import AsyncEngine
 from runtime.serve.errors import APIError, bad_request, from_sampling_error
 from runtime.serve.images import decode_images, image_placeholder
 from runtime.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
 from runtime.serve.settings import ServerSettings
+
+_TOKENIZER_THREADS = 4
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
@@ -34,7 +36,10 @@ class Preprocessor:
         self.vocab_size: int = engine.core.model_config.vocab_size
         self.settings = settings
         self.image_placeholder = image_placeholder(engine.core)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="graphmode-tokenize")
+        # The longest text a context of max_model_len tokens can hold: past it a prompt is refused unread.
+        self.max_prompt_chars = self.max_model_len * max_token_chars(self.tokenizer)
+        # Fast tokenizers release the GIL: a few threads keep one long prompt from holding up short ones.
+        self._pool = ThreadPoolExecutor(_TOKENIZER_THREADS, thread_name_prefix="graphmode-tokenize")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -115,7 +120,15 @@ class Preprocessor:
     def _encode_all(self, texts: list[str]) -> list[list[int]]:
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer: send prompts as token ids", param="prompt")
-        return [self.tokenizer.encode(t) for t in texts]
+        for text in texts:
+            self._check_chars(text, "prompt")
+        return [self.tokenizer.encode(_unicode(t, "prompt")) for t in texts]
+
+    def _check_chars(self, text: str, param: str) -> None:
+        """Refuse a text too long for the context before tokenizing it (seconds for megabytes)."""
+        if len(text) > self.max_prompt_chars:
+            raise bad_request(f"{param} has {len(text)} characters: more than this model's maximum context of "
+                              f"{self.max_model_len} tokens can hold", param=param, code="context_length_exceeded")
 
     async def chat_prompt(self, req: ChatCompletionRequest) -> Prompt:
         if not req.messages:
@@ -143,7 +156,8 @@ class Preprocessor:
             text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - jinja's TemplateError and friends: the messages don't fit it
             raise bad_request(f"the chat template rejected the messages: {e}", param="messages") from None
-        return text, tok.encode(text, add_special_tokens=False)
+        self._check_chars(text, "messages")
+        return text, tok.encode(_unicode(text, "messages"), add_special_tokens=False)
 
     # ---- sampling -----------------------------------------------------------------------------
     def sampling_params(self, req: _SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -161,3 +175,21 @@ class Preprocessor:
                 skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
         except ValueError as e:
             raise from_sampling_error(e) from None
+
+
+def _unicode(text: str, param: str) -> str:
+    """``text``, refused when JSON smuggled in a lone UTF-16 surrogate (``"\\ud800"``): no tokenizer encodes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{param} contains a lone surrogate {text[e.start]!a} at character {e.start}: not valid "
+                          "Unicode text", param=param) from None
+    return text
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token decodes to: its longest vocabulary entry (byte-level and
+    sentencepiece vocabularies spell a token with at least as many characters as it decodes to)."""
+    if tokenizer is None:
+        return 1
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)

@@ -195,3 +195,20 @@ def test_a_compiled_model_is_freed_when_dropped():
     del model
     gc.collect()
     assert weight() is None and backend() is None
+
+
+def test_options_a_backend_cannot_honour_are_named_not_silently_dropped(caplog):
+    import logging
+
+    from compiler import CompilationConfig, support_torch_compile
+
+    @support_torch_compile
+    class Twice(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    config = CompilationConfig(mode="compile", backend="eager", compile_sizes=[4], cache_dir="/tmp/unused-cache")
+    with caplog.at_level(logging.WARNING, logger="compiler.backend"):
+        Twice(compilation_config=config)
+    assert "cache_dir is ignored: the eager backend" in caplog.text
+    assert "compile_sizes are ignored: the eager backend" in caplog.text

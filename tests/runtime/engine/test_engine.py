@@ -100,7 +100,7 @@ def test_chat_stop_strings_n_and_logprobs(smollm2):
     stopped = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                        SamplingParams(temperature=0.0, max_tokens=30, stop=["Paris"]), use_tqdm=False)[0]
     assert stopped.outputs[0].text == out.outputs[0].text.split("Paris")[0]
-    assert stopped.outputs[0].finish_reason == "stop"
+    assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].stop_reason == "Paris"
     many = llm.generate(["Once upon a time"], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6,
                                                               logprobs=2, ignore_eos=True), use_tqdm=False)[0]
     assert len(many.outputs) == 3 and all(len(c.token_ids) == 6 for c in many.outputs)
