@@ -94,7 +94,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, st
     params = dict(model.named_parameters())
     mapper = getattr(model, "weights", None) or StackedWeights(model)
     filled = {name: 0 for name in params}
+    loaded_from: dict[str, list[str]] = {name: [] for name in params}  # our parameter -> checkpoint tensors
+    sources: set[str] = set()
     for name, tensor, source in weights:
+        sources.add(source)
         target = mapper.resolve(name)
         if target is None:
             continue
@@ -109,10 +112,20 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, st
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
         dest.copy_(tensor)
         filled[target.param] += tensor.numel()
+        loaded_from[target.param].append(name)
     missing = [name for name, count in filled.items() if count < params[name].numel()]
     if missing:
-        raise CheckpointError(f"checkpoint is missing tensor(s) for {', '.join(missing[:5])}"
+        where = ", ".join(sorted(sources)) or "the checkpoint"
+        details = [f"{name} ({_found(loaded_from[name])})" for name in missing[:5]]
+        raise CheckpointError(f"{where} is missing tensor(s) for {'; '.join(details)}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+
+def _found(names: list[str]) -> str:
+    """What a partly filled parameter did get: a fused q/k/v or gate/up projection names the parts it has."""
+    if not names:
+        return "no checkpoint tensor maps to it"
+    return "has only " + ", ".join(sorted(names))
 
 
 def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,

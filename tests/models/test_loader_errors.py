@@ -44,7 +44,8 @@ def test_missing_tensor_is_named(llama_dir):
     save_file(tensors, _weights_file(llama_dir), metadata={"format": "pt"})
     with pytest.raises(CheckpointError) as e:
         load_model(llama_dir, device="cpu")
-    _assert_one_line(e.value, "model.layers.1.self_attn.qkv_proj.weight", "missing")
+    _assert_one_line(e.value, "model.safetensors", "model.layers.1.self_attn.qkv_proj.weight", "missing",
+                     "has only model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.v_proj.weight")
 
 
 def test_wrong_shape_names_file_and_tensor(llama_dir):
