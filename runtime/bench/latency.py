@@ -42,7 +42,7 @@ def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
         rows = []
         for batch, dbo in [(b, d) for b in args.batch_sizes for d in dbo_states]:
             dbo_steps_before = set_dbo(llm, dbo)
-            times, forward, profile = _decode_step_times(llm.engine, llm.engine.model_config.vocab_size, batch, args)
+            times, forward, profile = _decode_step_times(llm.engine, llm.engine.vocab_size, batch, args)
             stats = runner_stats(llm)
             rows.append({"config": row_name(name, dbo), "batch": batch, "context": args.context,
                          "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),

@@ -16,7 +16,7 @@ def bench_throughput(args: argparse.Namespace, table: ResultTable) -> None:
     counters.reset()
     loaded = load_model_for(args, compilation)
     llm = make_engine(loaded, args, args.max_num_seqs, args.input_len + args.output_len + 8, engine_args, compilation)
-    vocab = llm.engine.model_config.vocab_size
+    vocab = llm.engine.vocab_size
     prompts = [random_prompt(vocab, args.input_len, i) for i in range(args.num_requests)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     for dbo in dbo_states:

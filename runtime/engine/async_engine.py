@@ -25,13 +25,16 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the engine keeps a set of them
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the server's event loop has closed: nobody is listening any more
+            pass
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class AsyncEngine:
         # Guards ``_closed``: once the loop's final drain has run, nothing may enter the inbox.
         self._lock = threading.Lock()
         self._closed = False
+        self._listening: set[_Stream] = set()  # streams a generate() call still waits on (guarded by _lock)
         self._thread = threading.Thread(target=self._run, name="graphmode-engine", daemon=True)
         self._thread.start()
 
@@ -69,6 +73,7 @@ class AsyncEngine:
             if self._closed or self._stop.is_set():
                 raise EngineDeadError(f"the engine loop has stopped{f': {self._dead}' if self._dead else ''}")
             self._inbox.put(("add", request_id, prompt, params, stream, images))
+            self._listening.add(stream)
         self._wakeup.set()
         finished = False
         try:
@@ -79,6 +84,8 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
         finally:
+            with self._lock:
+                self._listening.discard(stream)
             if not finished:
                 self.abort(request_id)
 
@@ -101,8 +108,15 @@ class AsyncEngine:
         return self._thread.is_alive() and self._dead is None
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the loop; requests still in flight are aborted and their streams closed."""
-        self._stop.set()
+        """Stop the loop; requests still in flight are aborted and their streams closed.
+
+        Every waiting stream gets its error at once, not when the engine's current step ends (a long
+        prefill can outlast the server's graceful shutdown, which would cut the responses off)."""
+        with self._lock:
+            self._stop.set()
+            listening, self._listening = list(self._listening), set()
+        for stream in listening:
+            stream.put(EngineDeadError("the engine is shutting down"))
         self._wakeup.set()
         self._thread.join(timeout)
 

@@ -64,7 +64,7 @@ class _Parent:
 def engine_max_model_len(config: EngineConfig, model_config: Any) -> int:
     """The context length the engine serves: the config's, else the model's capped at 4096 (and later at
     what the KV cache holds: ``EngineCore._fit_max_model_len``)."""
-    model_max = model_config.max_position_embeddings
+    model_max = model_config.get_text_config().max_position_embeddings  # a VLM keeps it with its decoder
     if config.max_model_len is not None and config.max_model_len > model_max:
         raise ValueError(f"max_model_len={config.max_model_len} is beyond this model's maximum context "
                          f"({model_max} positions)")
@@ -94,6 +94,7 @@ class EngineCore:
             checkpoint = resolve_checkpoint(config.model or default_model_path())
             config.model = checkpoint.display
             self.model_config, self.tokenizer = load_config(checkpoint), load_tokenizer(checkpoint)
+        self.vocab_size: int = self.model_config.get_text_config().vocab_size
         self.max_model_len = engine_max_model_len(config, self.model_config)
         self.model_class = resolve_model_class(self.model_config)
         if config.tensor_parallel_size > 1:
@@ -162,8 +163,8 @@ class EngineCore:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; this model allows at most {self.max_model_len - 1} "
                              f"(max_model_len={self.max_model_len})")
-        if max(ids) >= self.model_config.vocab_size or min(ids) < 0:
-            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        if max(ids) >= self.vocab_size or min(ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         parent = _Parent(request_id, text, ids, [], RequestMetrics(time.monotonic()))
         # Every completion is built before any is scheduled: a request is accepted whole or not at all.
         for i in range(params.n):

@@ -33,7 +33,7 @@ class Preprocessor:
     def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
         self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.core.max_model_len
-        self.vocab_size: int = engine.core.model_config.vocab_size
+        self.vocab_size: int = engine.core.vocab_size
         self.settings = settings
         self.image_placeholder = image_placeholder(engine.core)
         # The longest text a context of max_model_len tokens can hold: past it a prompt is refused unread.
