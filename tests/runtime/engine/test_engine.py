@@ -45,11 +45,12 @@ def alone_tokens(smollm2, workload):
 
 @pytest.mark.parametrize("engine_args", [
     dict(max_num_seqs=64, num_kv_blocks=1200),  # everything fits: one big continuous batch
-    dict(max_num_seqs=64, num_kv_blocks=50),  # too small for the batch: forces preemption
+    # too small for the batch: forces preemption (50 blocks hold one 800-token sequence, not 1024)
+    dict(max_num_seqs=64, num_kv_blocks=50, max_model_len=800),
     dict(max_num_seqs=16, max_num_batched_tokens=64, num_kv_blocks=400),  # chunked prefill, tight budget
 ], ids=["batched", "preemption", "chunked"])
 def test_batched_greedy_equals_alone(smollm2, workload, alone_tokens, engine_args):
-    llm = LLM.from_loaded(smollm2, max_model_len=MAX_MODEL_LEN, **engine_args)
+    llm = LLM.from_loaded(smollm2, **{"max_model_len": MAX_MODEL_LEN, **engine_args})
     prompts, params = workload
     outs = llm.generate(prompts, params, use_tqdm=False)
     mismatched = [i for i, (o, ref) in enumerate(zip(outs, alone_tokens)) if o.outputs[0].token_ids != ref]

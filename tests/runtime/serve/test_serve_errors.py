@@ -181,7 +181,7 @@ class _StubEngine:
         from types import SimpleNamespace
 
         self.tokenizer = None
-        self.core = SimpleNamespace(max_model_len=64, model_config=SimpleNamespace(vocab_size=100))
+        self.core = SimpleNamespace(max_model_len=64, vocab_size=100)
         self.is_alive = alive
 
     def stats(self):
@@ -191,7 +191,7 @@ class _StubEngine:
 
     async def generate(self, request_id, prompt, params):
         raise RuntimeError("simulated server bug")
-        yield  # noqa: unreachable - makes this an async generator
+        yield  # unreachable: makes this an async generator
 
 
 def _stub_client(alive: bool = True):
