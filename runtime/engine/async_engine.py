@@ -46,6 +46,8 @@ class EngineStats:
     kv_total_blocks: int
     prefix_cache_hit_rate: float
     num_steps: int
+    graph_replays: int = 0  # static device graph replays (rank 0's, under tensor parallelism)
+    eager_steps: int = 0  # forwards run without a graph although graphs were enabled
 
 
 class AsyncEngine:
@@ -96,7 +98,7 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         kv, sched = self.core.kv_cache, self.core.scheduler
         return EngineStats(sched.num_running, sched.num_waiting, kv.usage, kv.num_used_blocks, kv.num_blocks,
-                           kv.hit_rate, self.core.num_steps)
+                           kv.hit_rate, self.core.num_steps, self.core.graph_replays, self.core.eager_steps)
 
     @property
     def failure(self) -> BaseException | None:

@@ -111,6 +111,8 @@ class EngineCore:
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
         self.num_steps = 0
+        self.graph_replays = 0  # rank 0's, reported by its worker with each step
+        self.eager_steps = 0
 
     def _fit_max_model_len(self) -> None:
         """One sequence of max_model_len tokens must fit the KV cache: an explicit max_model_len that does
@@ -210,6 +212,8 @@ class EngineCore:
         """Execute a scheduled step and hand each sampled token to its sequence."""
         result = self.executor.execute(sched)
         self.num_steps += 1
+        self.graph_replays += result.graph_replays
+        self.eager_steps += result.eager_steps
         finished = {r.request_id for r in self.scheduler.update_from_output(sched, result.sampled)}
         now = time.monotonic()
         for item in sched.scheduled:

@@ -13,7 +13,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from compiler.counters import counters as compiler_counters
 from runtime.engine.async_engine import AsyncEngine
 from runtime.engine.outputs import RequestOutput
 
@@ -46,10 +45,9 @@ class _EngineCollector:
             yield GaugeMetricFamily(name, doc, value=value)
         totals = [
             ("graphmode:engine_steps", "Engine steps (model forwards) run.", s.num_steps),
-            ("graphmode:graph_replays", "Static device graph replays (compiler counters).",
-             getattr(compiler_counters, "graph_replays", 0)),
-            ("graphmode:eager_steps", "Steps that ran eagerly although graphs were enabled (compiler counters).",
-             getattr(compiler_counters, "eager_fallbacks", 0)),
+            ("graphmode:graph_replays", "Static device graph replays (rank 0's under tensor parallelism).",
+             s.graph_replays),
+            ("graphmode:eager_steps", "Forwards run eagerly although graphs were enabled.", s.eager_steps),
         ]
         for name, doc, value in totals:
             yield CounterMetricFamily(name, doc, value=value)

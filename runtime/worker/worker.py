@@ -88,7 +88,11 @@ class Worker:
             req = item.request
             if req.seed is not None and req.request_id not in self.generators:
                 self.generators[req.request_id] = make_generator(req.seed, self.runner.device)
-        return self.runner.execute(output, self.generators)
+        replays, fallbacks = counters.graph_replays, counters.eager_fallbacks
+        result = self.runner.execute(output, self.generators)
+        result.graph_replays = counters.graph_replays - replays
+        result.eager_steps = counters.eager_fallbacks - fallbacks
+        return result
 
     def set_dbo(self, enabled: bool) -> None:
         self.runner.set_dbo(enabled)

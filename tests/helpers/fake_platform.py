@@ -231,6 +231,31 @@ def main() -> None:
     json.dump(report, sys.stdout)
 
 
+def tensor_parallel_main() -> None:
+    """Full graphs under tensor parallelism: each worker process replays its own graphs (the engine's
+    process replays none), and the engine must still count them."""
+    from compiler import counters
+    from models.testing import write_tiny_checkpoint
+    from runtime import LLM
+    from runtime.contracts.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 9, 13, 2, 77], [101], [7, 7, 7]]
+    full = dict(mode="eager", graph_mode="full", capture_sizes=[1, 2, 4])
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_tiny_checkpoint("LlamaForCausalLM", tmp)
+        for name, tp, compilation in (("eager", 1, None), ("tp2_full", 2, full)):
+            llm = LLM(path, tensor_parallel_size=tp, compilation_config=compilation, max_num_seqs=4,
+                      max_model_len=128, num_kv_blocks=64, max_num_batched_tokens=32, dtype="float32")
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            report[name] = dict(tokens=[o.outputs[0].token_ids for o in outs], steps=llm.engine.num_steps,
+                                replays=llm.engine.graph_replays, eager_steps=llm.engine.eager_steps)
+            llm.engine.shutdown()
+    report["engine_process_replays"] = counters.graph_replays
+    json.dump(report, sys.stdout)
+
+
 if __name__ == "__main__":
     raise SystemExit("import this module and call main() (see tests/runtime/platforms/test_fake_platform.py)")
 

@@ -154,3 +154,17 @@ def test_a_failing_worker_reports_its_error_and_the_engine_stops_all(llama_dir, 
     monkeypatch.setattr(Worker, "plan_kv_blocks", plan)  # workers are forked on CPU: they see the patch
     with pytest.raises(WorkerError, match="rank 1 failed during 'plan_kv_blocks': RuntimeError: no memory for the KV cache"):
         LLM(llama_dir, tensor_parallel_size=2, **ENGINE)
+
+
+def test_graph_replays_are_counted_from_the_workers():
+    """The workers replay the graphs in their own processes; the engine (and /metrics) must count
+    them all the same (they read 0 when the engine looked at its own process's counters)."""
+    from tests.helpers.fake_platform import run_with_fake_platform
+
+    report = run_with_fake_platform("from tests.helpers import fake_platform; fake_platform.tensor_parallel_main()")
+    tp = report["tp2_full"]
+    assert tp["tokens"] == report["eager"]["tokens"]
+    assert report["engine_process_replays"] == 0
+    # Every decode step of at most 4 sequences replays a full graph; the prefill steps run eagerly.
+    assert 0 < tp["replays"] < tp["steps"]
+    assert tp["replays"] + tp["eager_steps"] == tp["steps"]
