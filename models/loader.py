@@ -69,16 +69,17 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def build_model(config: Any, dtype: torch.dtype, device: torch.device | str, init: bool = True,
                 compilation_config: CompilationConfig | None = None,
-                parallel: ParallelContext | None = None) -> nn.Module:
+                parallel: ParallelContext | None = None, model_options: dict[str, Any] | None = None) -> nn.Module:
     """Instantiate our class for ``config``; ``init=False`` leaves weights uninitialised (to be loaded).
 
     ``compilation_config`` reaches every ``@support_torch_compile`` module built inside;
-    ``parallel`` (this rank under tensor parallelism) makes the layers hold only their shard.
+    ``parallel`` (this rank under tensor parallelism) makes the layers hold only their shard;
+    ``model_options`` go to the class's constructor (a vision model's ``encoder_attention``).
     """
     cls = resolve_model_class(config)
     with default_dtype(dtype), torch.device("meta" if not init else device), \
             use_config(compilation_config or CompilationConfig()), use_parallel(parallel or current_parallel()):
-        model = cls(config)
+        model = cls(config, **(model_options or {}))
     if not init:
         model = model.to_empty(device=device)
         if hasattr(model, "tie_weights"):
@@ -130,7 +131,8 @@ def _found(names: list[str]) -> str:
 
 def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
                compilation_config: CompilationConfig | None = None,
-               parallel: ParallelContext | None = None, model_config: Any | None = None) -> LoadedModel:
+               parallel: ParallelContext | None = None, model_config: Any | None = None,
+               model_options: dict[str, Any] | None = None) -> LoadedModel:
     """Load a checkpoint directory or GGUF file into our implementation of its architecture
     (this rank's shard of it when ``parallel`` spans several ranks). ``model_config``: the
     checkpoint's config when the caller already read it (reading a GGUF's config parses the file)."""
@@ -140,7 +142,7 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch
     device = torch.device(device) if device is not None else current_platform.device()
     start = time.perf_counter()
     model = build_model(config, torch_dtype, device, init=False, compilation_config=compilation_config,
-                        parallel=parallel)
+                        parallel=parallel, model_options=model_options)
     weights = tqdm(iter_weights(ckpt, config), desc="Loading weights", unit="tensor", leave=False)
     load_weights(model, weights)
     logger.info("loaded %s (%s) as %s on %s in %.1f s", ckpt.display, type(model).__name__,

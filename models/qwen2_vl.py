@@ -147,6 +147,11 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     @property
+    def encoder_attention(self) -> str:
+        """The vision encoder's attention backend (``mm_encoder_attn_backend``)."""
+        return self.model.visual.attention_backend
+
+    @property
     def visual(self) -> VisionTransformer:
         return self.model.visual
 

@@ -152,6 +152,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, config: Any, attention_backend: str = DEFAULT_ENCODER_ATTENTION) -> None:
         super().__init__()
         self.config = config
+        self.attention_backend = check_backend(attention_backend)
         dim, heads = config.embed_dim, config.num_heads
         self.merge_size = config.spatial_merge_size
         self.patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size ** 2

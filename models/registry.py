@@ -8,6 +8,7 @@ from torch import nn
 from models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from models.qwen2_vl import Qwen2VLForConditionalGeneration
 from models.qwen3_moe import Qwen3MoeForCausalLM
+from runtime.plugins import load_general_plugins
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -37,7 +38,16 @@ def architecture_of(config: Any) -> str:
     raise UnsupportedArchitectureError(f"config names no architecture (model_type={model_type!r})")
 
 
+def register_model(architecture: str, model_class: type[nn.Module]) -> None:
+    """Serve checkpoints whose config names ``architecture`` with ``model_class`` (an out-of-tree model, from
+    a ``graphmode.general_plugins`` entry point: runtime/plugins.py). Replacing a built-in one is allowed."""
+    if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
+        raise TypeError(f"register_model({architecture!r}, ...) needs an nn.Module subclass, got {model_class!r}")
+    MODEL_REGISTRY[architecture] = model_class
+
+
 def resolve_model_class(config: Any) -> type[nn.Module]:
+    load_general_plugins()  # they may register architectures
     arch = architecture_of(config)
     try:
         return MODEL_REGISTRY[arch]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from runtime.logger import configure_default_logging
+
 if TYPE_CHECKING:
     from runtime.contracts.config import EngineConfig
     from runtime.contracts.sampling_params import SamplingParams
@@ -23,6 +25,8 @@ _PUBLIC = {
     "CompletionOutput": "runtime.engine.outputs",
     "EngineConfig": "runtime.contracts.config",
 }
+
+configure_default_logging()
 
 __all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "RequestOutput", "SamplingParams"]
 

@@ -19,10 +19,12 @@ import torch
 from models.default import DefaultModelMissing
 from runtime.bench.engines import RANDOM_1B
 from runtime.bench.latency import bench_latency
-from runtime.bench.mm_encoder import add_parser as add_mm_encoder_parser, bench_mm_encoder
+from runtime.bench.mm_encoder import add_parser as add_mm_encoder_parser
+from runtime.bench.mm_encoder import bench_mm_encoder
 from runtime.bench.results import LATENCY_COLUMNS, MM_ENCODER_COLUMNS, THROUGHPUT_COLUMNS, ResultTable
 from runtime.bench.throughput import bench_throughput
 from runtime.contracts.config import EngineConfig
+from runtime.logger import set_level as set_log_level
 from runtime.platforms import current_platform
 
 HELP = {"latency": "per-step decode latency at given batch sizes and context length",
@@ -40,23 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    common.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default: WARNING)")
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("latency", "throughput"):
         s = sub.add_parser(name, parents=[common], help=HELP[name])
         s.add_argument("--model", default=None,
                        help=f"checkpoint dir/.gguf, or '{RANDOM_1B}' for a Llama-3.2-1B-shaped random model "
                             "(default: the embedded SmolLM2)")
-        s.add_argument("--dtype", default="auto")
-        s.add_argument("--max-num-batched-tokens", type=int, default=4096)
-        s.add_argument("--kv-cache-memory-gb", type=float, default=None)
+        s.add_argument("--dtype", default="auto",
+                       help="auto (the checkpoint's; float32 on CPU), float32, bfloat16 or float16 (default: auto)")
+        s.add_argument("--max-num-batched-tokens", type=int, default=4096,
+                       help="tokens per engine step at most; also the memory profile's dummy step (default: 4096)")
+        s.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                       help="fixed KV cache size in GiB (default: profiled on a GPU, a share of RAM on CPU)")
         s.add_argument("--json", default=None, help="write results to this file (rewritten as each config finishes)")
+        s.add_argument("--mm-encoder-attn-backend", default=None, choices=["sdpa", "naive"],
+                       help="vision models: the encoder's attention kernel (default: sdpa)")
+        s.add_argument("--profile", default=None, metavar="DIR",
+                       help="after each measurement, run a few more steps under the torch profiler and write "
+                            "every rank's trace (Chrome trace JSON, for Perfetto) under DIR/<config> (default: off)")
         s.add_argument("--config", action="append", metavar="NAME=JSON",
                        help="a named CompilationConfig to run (repeatable: configs run side by side)")
         s.add_argument("--graph-mode", action="append", choices=["none", "piecewise", "full", "full_and_piecewise"],
                        help="shorthand for a compiled config with this graph mode (repeatable)")
-        s.add_argument("--backend", default="inductor", help="compile backend for --graph-mode configs")
-        s.add_argument("--capture-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+        s.add_argument("--backend", default="inductor",
+                       help="compile backend for --graph-mode configs: inductor or eager (default: inductor)")
+        s.add_argument("--capture-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128],
+                       help="batch sizes (tokens) captured as graphs by --graph-mode configs "
+                            "(default: 1 2 4 8 16 32 64 128)")
         s.add_argument("--tensor-parallel-size", type=int, default=1,
                        help="ranks (one worker process each) to shard the model over")
         s.add_argument("--enable-expert-parallel", action="store_true",
@@ -69,18 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--dbo-prefill-token-threshold", type=int, default=EngineConfig.dbo_prefill_token_threshold,
                        help="with --dbo: split steps with a prefill of at least this many tokens")
         if name == "latency":
-            s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
-            s.add_argument("--context", type=int, default=128, help="prompt tokens per request")
-            s.add_argument("--steps", type=int, default=20, help="timed decode steps")
-            s.add_argument("--warmup", type=int, default=3)
+            s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64],
+                           help="decode batch sizes to time, each its own engine run (default: 1 64)")
+            s.add_argument("--context", type=int, default=128, help="prompt tokens per request (default: 128)")
+            s.add_argument("--steps", type=int, default=20, help="timed decode steps (default: 20)")
+            s.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (default: 3)")
             s.add_argument("--hf-baseline", action="store_true", help="also time transformers eager decode")
             s.add_argument("--count-kernels", action="store_true",
                            help="count device kernels per decode step with the torch profiler")
         else:
-            s.add_argument("--num-requests", type=int, default=64)
-            s.add_argument("--input-len", type=int, default=128)
-            s.add_argument("--output-len", type=int, default=64)
-            s.add_argument("--max-num-seqs", type=int, default=64)
+            s.add_argument("--num-requests", type=int, default=64, help="requests generated (default: 64)")
+            s.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default: 128)")
+            s.add_argument("--output-len", type=int, default=64,
+                           help="tokens generated per request, EOS ignored (default: 64)")
+            s.add_argument("--max-num-seqs", type=int, default=64,
+                           help="requests batched together at most (default: 64)")
     add_mm_encoder_parser(sub, [common])
     return p
 
@@ -88,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    set_log_level(args.log_level)  # our loggers carry their own level (runtime/logger.py)
     current_platform.configure_process()
     columns, named, run = BENCHMARKS[args.command]
     header: dict[str, Any] = {"command": args.command, **{k: getattr(args, k) for k in named},

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -14,6 +16,8 @@ from models.loader import LoadedModel, load_model, resolve_dtype
 from models.testing import build_random_model, llama_1b_config, save_random_checkpoint
 from runtime.engine.llm import LLM
 from runtime.platforms import current_platform
+
+logger = logging.getLogger(__name__)
 
 RANDOM_1B = "random-1b"
 
@@ -28,7 +32,9 @@ def load_model_for(args: argparse.Namespace, compilation: CompilationConfig | No
         device = current_platform.device()
         model = build_random_model(config, dtype, device, compilation_config=compilation)
         return LoadedModel(model, config, None, dtype, device, compilation)
-    return load_model(args.model or default_model_path(), args.dtype, compilation_config=compilation)
+    options = {"encoder_attention": args.mm_encoder_attn_backend} if args.mm_encoder_attn_backend else {}
+    return load_model(args.model or default_model_path(), args.dtype, compilation_config=compilation,
+                      model_options=options)
 
 
 def named_configs(args: argparse.Namespace) -> list[tuple[str, CompilationConfig]]:
@@ -62,6 +68,20 @@ def runner_stats(llm: LLM) -> dict[str, Any]:
     info = llm.engine.executor.call_workers("runner_info", ["graphs.pool_bytes", "dbo_steps"])[0]
     return {"pool_bytes": info["graphs.pool_bytes"], "counters": argparse.Namespace(**info["counters"]),
             "dbo_steps": info["dbo_steps"]}
+
+
+def traced(core: Any, args: argparse.Namespace, label: str, run: Callable[[], Any]) -> None:
+    """With --profile DIR: ``run()`` again under the torch profiler, every rank tracing into DIR/label
+    (kept apart from the timed runs, which the profiler would slow)."""
+    if not args.profile:
+        return
+    directory = os.path.join(args.profile, re.sub(r"[^\w.=,-]+", "_", label))
+    core.start_profile(directory)
+    try:
+        run()
+    finally:
+        for path in core.stop_profile():
+            logger.warning("trace: %s", path)
 
 
 def kv_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,7 +119,8 @@ def make_engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: in
             engine_args: dict[str, Any] | None = None, compilation: CompilationConfig | None = None) -> LLM:
     common = dict(max_num_seqs=max_num_seqs, max_model_len=max_len,
                   max_num_batched_tokens=max(args.max_num_batched_tokens, max_len),
-                  enable_prefix_caching=False, **kv_args(args), **(engine_args or {}))
+                  enable_prefix_caching=False, mm_encoder_attn_backend=args.mm_encoder_attn_backend,
+                  **kv_args(args), **(engine_args or {}))
     if loaded is None:  # tensor parallelism: the workers load the checkpoint
         return LLM(checkpoint_path(args), dtype=args.dtype, compilation_config=compilation,
                    tensor_parallel_size=args.tensor_parallel_size,

@@ -20,14 +20,14 @@ from models.default import default_model_path
 from models.loader import resolve_dtype
 from models.testing import llama_1b_config
 from runtime.bench.engines import (RANDOM_1B, load_model_for, make_engine, random_prompt, row_name, runner_stats,
-                                   set_dbo, variants)
+                                   set_dbo, traced, variants)
 from runtime.bench.results import ResultTable
 from runtime.contracts.sampling_params import SamplingParams
 from runtime.engine.core import EngineCore
 from runtime.platforms import current_platform
 from runtime.profiling import StepProfile
 
-KERNEL_COUNT_STEPS = 5
+PROFILED_STEPS = 5  # decode steps under the kernel counter, and under the trace profiler
 
 
 def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
@@ -42,7 +42,8 @@ def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
         rows = []
         for batch, dbo in [(b, d) for b in args.batch_sizes for d in dbo_states]:
             dbo_steps_before = set_dbo(llm, dbo)
-            times, forward, profile = _decode_step_times(llm.engine, llm.engine.vocab_size, batch, args)
+            times, forward, profile = _decode_step_times(llm.engine, llm.engine.vocab_size, batch, args,
+                                                         f"{row_name(name, dbo)}-b{batch}")
             stats = runner_stats(llm)
             rows.append({"config": row_name(name, dbo), "batch": batch, "context": args.context,
                          "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
@@ -68,12 +69,13 @@ def _profile_columns(profile: StepProfile | None) -> dict[str, Any]:
     return {"kernels_per_step": profile.kernels_per_step, "collective_ms": profile.collective_ms_per_step}
 
 
-def _decode_step_times(core: EngineCore, vocab: int, batch: int,
-                       args: argparse.Namespace) -> tuple[list[float], list[float], StepProfile | None]:
-    """Whole-step times, rank 0's forward times, and (--count-kernels) the kernels per step."""
+def _decode_step_times(core: EngineCore, vocab: int, batch: int, args: argparse.Namespace,
+                       label: str) -> tuple[list[float], list[float], StepProfile | None]:
+    """Whole-step times, rank 0's forward times, (--count-kernels) the kernels per step, and (--profile)
+    a trace of a few more steps."""
     # Enough tokens for every decode step this function runs: warm-up, timed, forward-timed and the
     # kernel-counting steps (a request that finished earlier made the kernel count read 0).
-    params = SamplingParams(temperature=0.0, max_tokens=args.warmup + 2 * args.steps + KERNEL_COUNT_STEPS + 1,
+    params = SamplingParams(temperature=0.0, max_tokens=args.warmup + 2 * args.steps + 2 * PROFILED_STEPS + 1,
                             ignore_eos=True)
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for i, rid in enumerate(ids):
@@ -89,7 +91,8 @@ def _decode_step_times(core: EngineCore, vocab: int, batch: int,
         core.step()
         times.append(time.perf_counter() - start)
     forward = _forward_times(core, args.steps)
-    profile = _profile_steps(core, KERNEL_COUNT_STEPS) if args.count_kernels else None
+    profile = _profile_steps(core, PROFILED_STEPS) if args.count_kernels else None
+    traced(core, args, label, lambda: [core.step() for _ in range(PROFILED_STEPS)])
     for rid in ids:
         core.abort_request(rid)
     return times, forward, profile

@@ -5,7 +5,8 @@ import argparse
 import time
 
 from compiler import counters
-from runtime.bench.engines import load_model_for, make_engine, random_prompt, row_name, runner_stats, set_dbo, variants
+from runtime.bench.engines import (load_model_for, make_engine, random_prompt, row_name, runner_stats, set_dbo, traced,
+                                   variants)
 from runtime.bench.results import ResultTable
 from runtime.contracts.sampling_params import SamplingParams
 
@@ -26,6 +27,8 @@ def bench_throughput(args: argparse.Namespace, table: ResultTable) -> None:
         outs = llm.generate(prompts, params)
         elapsed = time.perf_counter() - start
         generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        traced(llm.engine, args, row_name(name, dbo),
+               lambda: llm.generate(prompts[: min(8, len(prompts))], params, use_tqdm=False))
         table.add({"config": row_name(name, dbo), "requests": len(outs), "input_len": args.input_len,
                      "output_len": args.output_len, "seconds": elapsed, "requests_per_s": len(outs) / elapsed,
                      "output_tokens_per_s": generated / elapsed,

@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from compiler.config import CompilationConfig
+from runtime.attention.encoder_attention import check_backend
 from runtime.distributed.parallel_state import ParallelConfig
 
 
@@ -37,11 +38,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
+    # Default sampling for requests that leave a field out: "auto" (the checkpoint's generation_config.json;
+    # the embedded SmolLM2's recommended settings), "vllm" (SamplingParams' own defaults) or a directory.
+    generation_config: str = "auto"
     # CompilationConfig, or its dict / JSON form (the CLI passes --compilation-config '{...}').
     compilation_config: CompilationConfig | dict | str | None = None
     # Vision models: the largest image (in encoder patches) a request may carry; the encoder's patch
     # budgets and the start-up memory profile use it. None = the image processor's max_pixels.
     max_image_patches: int | None = None
+    # Vision models: the encoder's attention backend (runtime/attention/encoder_attention.py: sdpa, naive);
+    # None = the model's default (sdpa).
+    mm_encoder_attn_backend: str | None = None
     # Dual-batch overlap: split a step into two micro-batches once it has at least this many tokens
     # (runtime/ubatching.py); decode-only steps and steps with a prefill have separate thresholds.
     enable_dbo: bool = False
@@ -67,6 +74,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.max_image_patches is not None and self.max_image_patches < 4:
             raise ValueError(f"max_image_patches must be at least 4, got {self.max_image_patches}")
+        if self.mm_encoder_attn_backend is not None:
+            check_backend(self.mm_encoder_attn_backend)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
@@ -90,6 +99,10 @@ class EngineConfig:
     def communicates(self) -> bool:
         """The forward runs collectives: the model is sharded over several ranks."""
         return self.tensor_parallel_size > 1
+
+    def model_options(self) -> dict[str, Any]:
+        """Constructor options of the model class (models/loader.py: build_model)."""
+        return {"encoder_attention": self.mm_encoder_attn_backend} if self.mm_encoder_attn_backend else {}
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(self.tensor_parallel_size, self.enable_expert_parallel)

@@ -6,11 +6,12 @@ queue, and outputs come back through ``loop.call_soon_threadsafe`` into per-requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from runtime.engine.core import EngineCore
 from runtime.engine.outputs import RequestOutput
@@ -19,6 +20,7 @@ from runtime.contracts.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -91,6 +93,17 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def run_in_engine(self, fn: Callable[[EngineCore], T]) -> T:
+        """``fn(core)`` on the engine thread, between two steps (the core is not thread-safe)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        with self._lock:
+            if self._closed or self._stop.is_set():
+                raise EngineDeadError("the engine loop has stopped")
+            self._inbox.put(("call", fn, loop, done))
+        self._wakeup.set()
+        return await done
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
@@ -152,6 +165,8 @@ class AsyncEngine:
                 self._add(*command[1:])
             elif command[0] == "abort":
                 self._abort(command[1])
+            elif command[0] == "call":
+                self._call(*command[1:])
 
     def _add(self, request_id: str, prompt, params: SamplingParams, stream: _Stream, images: list | None) -> None:
         if self._stop.is_set():
@@ -163,6 +178,18 @@ class AsyncEngine:
             stream.put(e)
             return
         self._streams[request_id] = stream
+
+    def _call(self, fn: Callable[[EngineCore], Any], loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
+        try:
+            result, error = fn(self.core), None
+        except Exception as e:  # noqa: BLE001 - the caller gets it; the loop goes on
+            result, error = None, e
+
+        def settle() -> None:
+            if not done.done():
+                done.set_exception(error) if error is not None else done.set_result(result)
+        with contextlib.suppress(RuntimeError):  # the caller's loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle)
 
     def _abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:

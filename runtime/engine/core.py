@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from models.checkpoint import Checkpoint, load_config, load_tokenizer, resolve_checkpoint
-from models.default import default_model_path
+from models.default import default_model_path, is_embedded_default
+from models.generation_defaults import read_generation_defaults
 from models.loader import LoadedModel
 from models.parallel_layers import check_shardable
 from models.qwen2_vl_processing import Qwen2VLInputProcessor
@@ -27,6 +28,7 @@ from runtime.engine.kv_cache import KVCacheManager
 from runtime.engine.multiproc_executor import MultiprocExecutor
 from runtime.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from runtime.engine.scheduler import Scheduler, SchedulerConfig
+from runtime.tracing import ProfilerStateError
 from runtime.worker.worker import WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -95,8 +97,10 @@ class EngineCore:
             config.model = checkpoint.display
             self.model_config, self.tokenizer = load_config(checkpoint), load_tokenizer(checkpoint)
         self.vocab_size: int = self.model_config.get_text_config().vocab_size
+        self.sampling_defaults = _sampling_defaults(config, checkpoint)
         self.max_model_len = engine_max_model_len(config, self.model_config)
         self.model_class = resolve_model_class(self.model_config)
+        _check_encoder_attention(config, self.model_class, loaded)
         if config.tensor_parallel_size > 1:
             self._check_shardable()  # a clear error before any process starts
         self.input_processor = _input_processor(self.model_class, self.model_config, checkpoint, config)
@@ -113,6 +117,7 @@ class EngineCore:
         self.num_steps = 0
         self.graph_replays = 0  # rank 0's, reported by its worker with each step
         self.eager_steps = 0
+        self.profiling = False  # between start_profile and stop_profile
 
     def _fit_max_model_len(self) -> None:
         """One sequence of max_model_len tokens must fit the KV cache: an explicit max_model_len that does
@@ -134,6 +139,25 @@ class EngineCore:
             raise ValueError(f"{self.model_class.__name__} does not support tensor parallelism yet: "
                              "use tensor_parallel_size=1")
         check_shardable(self.model_config, self.config.parallel_config())
+
+    def default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """SamplingParams with the checkpoint's recommended defaults (``generation_config``) under ``overrides``."""
+        return SamplingParams(**{**self.sampling_defaults, **overrides})
+
+    def start_profile(self, directory: str) -> None:
+        """Every rank starts a torch profiler trace (runtime/tracing.py)."""
+        # Checked here: a worker that raised would be taken for a failed rank and the engine stopped.
+        if self.profiling:
+            raise ProfilerStateError("the profiler is already running: stop it first")
+        self.executor.call_workers("trace_start", directory)
+        self.profiling = True
+
+    def stop_profile(self) -> list[str]:
+        """Every rank ends its trace; the files written, rank 0's first."""
+        if not self.profiling:
+            raise ProfilerStateError("the profiler is not running: start it first")
+        self.profiling = False
+        return self.executor.call_workers("trace_stop")
 
     def set_dbo(self, enabled: bool) -> None:
         """Switch DBO micro-batching on or off for later steps (the engine must start with
@@ -262,6 +286,27 @@ class EngineCore:
             for seq in parent.sequences:
                 self._sequences.pop(seq.request.request_id, None)
             self._parents.pop(parent.request_id, None)
+
+
+def _check_encoder_attention(config: EngineConfig, model_class: type, loaded: LoadedModel | None) -> None:
+    backend = config.mm_encoder_attn_backend
+    if backend is None:
+        return
+    if not getattr(model_class, "supports_images", False):
+        raise ValueError(f"mm_encoder_attn_backend={backend!r}: {model_class.__name__} has no vision encoder")
+    if loaded is not None and loaded.model.encoder_attention != backend:
+        raise ValueError(f"mm_encoder_attn_backend={backend!r}, but the model in memory was built with "
+                         f"{loaded.model.encoder_attention!r}: pass model_options to load_model instead")
+
+
+def _sampling_defaults(config: EngineConfig, checkpoint: Checkpoint | None) -> dict[str, Any]:
+    """The generation config's sampling defaults, checked once at start-up (not in every request)."""
+    defaults = read_generation_defaults(config.generation_config, checkpoint, is_embedded_default(checkpoint))
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ValueError(f"the generation config's sampling defaults are invalid: {e}") from None
+    return defaults
 
 
 def _input_processor(model_class: type, model_config: Any, checkpoint: Checkpoint | None,

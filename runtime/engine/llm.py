@@ -25,13 +25,18 @@ class LLM:
         """An engine around a model already in memory (skips loading the checkpoint again)."""
         return cls(loaded.name, _loaded=loaded, **engine_args)
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` and ``chat`` use when given no SamplingParams: the checkpoint's recommended
+        sampling (its generation_config.json; ``generation_config="vllm"`` for SamplingParams' defaults)."""
+        return self.engine.default_sampling_params()
+
     def generate(self, prompts: str | Sequence[str] | Sequence[list[int]] | dict | Sequence[dict],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """A prompt is text, token ids, or ``{"prompt": text or ids, "images": [...]}`` for vision models."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")

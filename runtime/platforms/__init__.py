@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 
+from runtime.plugins import platform_plugin_specs
 from runtime.platforms.base import MemoryInfo, Platform
 from runtime.platforms.cpu import CpuPlatform
 from runtime.platforms.cuda import CudaPlatform
@@ -64,6 +65,14 @@ def select_platform(forced: str = "") -> Platform:
     if forced:
         raise ValueError(f"{PLATFORM_ENV}={forced!r} is not a known platform "
                          "(choose cpu, cuda, npu, or package.module:PlatformClass)")
+    plugins = platform_plugin_specs()
+    if len(plugins) > 1:
+        raise PlatformUnavailable(f"several platform plugins are usable here ({', '.join(sorted(plugins))}): "
+                                  f"choose one with {PLATFORM_ENV}=package.module:Class")
+    if plugins:
+        (name, spec), = plugins.items()
+        logger.info("platform from plugin %r: %s", name, spec)
+        return _plugin_platform(spec)
     if npu_installed():
         try:
             platform = _npu_platform()

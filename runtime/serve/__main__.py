@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Callable, Iterator
 
+from runtime.logger import set_level as set_log_level
+
 logger = logging.getLogger("runtime.serve")
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, "
                     "/metrics) for graphmode's engine.")
     p.add_argument("--model", default=None,
-                   help="checkpoint directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+                   help="checkpoint directory, .gguf file, or a hub id (org/name) already in the local Hugging Face "
+                        "cache (nothing is downloaded); default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in the 'model' field; the first is reported in responses "
                         "(default: the --model argument, or SmolLM2-135M-Instruct)")
@@ -70,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--max-image-patches", type=int, default=None,
                    help="vision models: the largest image in encoder patches (default: the processor's max_pixels)")
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="default sampling for fields a request leaves out: 'auto' reads the checkpoint's "
+                        "generation_config.json (the embedded SmolLM2: temperature 0.2, top_p 0.9, its model "
+                        "card's settings); 'vllm' uses the library defaults (temperature 1.0); or a directory "
+                        "holding a generation_config.json (default: %(default)s)")
+    p.add_argument("--profiler-dir", default=None, metavar="DIR",
+                   help="turn on POST /start_profile and /stop_profile: a torch profiler trace of every rank "
+                        "(host ops, and device kernels on a GPU) written to DIR as Chrome trace JSON, which "
+                        "Perfetto opens (default: off)")
+    p.add_argument("--mm-encoder-attn-backend", default=None, choices=["sdpa", "naive"],
+                   help="vision models: the encoder's attention kernel; sdpa (torch's fused attention over all "
+                        "images at once, capturable) or naive (the fp32 reference) (default: sdpa)")
     p.add_argument("--max-n", type=int, default=16,
                    help="largest n (completions per prompt) a request may ask for (default: %(default)s)")
     p.add_argument("--max-body-mb", type=float, default=4.0,
@@ -108,8 +123,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _build_engine(args: argparse.Namespace):
-    from runtime.engine.async_engine import AsyncEngine
     from runtime.contracts.config import EngineConfig
+    from runtime.engine.async_engine import AsyncEngine
     from runtime.engine.core import EngineCore
 
     config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
@@ -120,7 +135,9 @@ def _build_engine(args: argparse.Namespace):
                           dbo_prefill_token_threshold=args.dbo_prefill_token_threshold,
                           max_image_patches=args.max_image_patches,
                           tensor_parallel_size=args.tensor_parallel_size,
-                          enable_expert_parallel=args.enable_expert_parallel)
+                          enable_expert_parallel=args.enable_expert_parallel,
+                          generation_config=args.generation_config,
+                          mm_encoder_attn_backend=args.mm_encoder_attn_backend)
     start = time.perf_counter()
     logger.info("building the engine: model=%s dtype=%s compilation=%s (load, compile, warm-up) ...",
                 args.model or DEFAULT_SERVED_NAME, args.dtype, config.compilation_config.mode)
@@ -183,6 +200,7 @@ def engine_died_cleanly(engine) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_log_level(args.log_level)  # our loggers carry their own level (runtime/logger.py)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     api_key = args.api_key or os.environ.get("GRAPHMODE_API_KEY") or None
 
@@ -198,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = ServerSettings(served_model_names=args.served_model_name or [args.model or DEFAULT_SERVED_NAME],
                                   api_key=api_key, max_n=args.max_n, max_body_bytes=int(args.max_body_mb * MiB),
-                                  created=int(time.time()))
+                                  created=int(time.time()),
+                                  profiler_dir=os.path.abspath(args.profiler_dir) if args.profiler_dir else None)
         with _interrupt_on_sigterm():
             engine = _build_engine(args)
     except KeyboardInterrupt:

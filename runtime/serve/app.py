@@ -22,6 +22,7 @@ from runtime.serve.errors import APIError, bad_request, error_response, install_
 from runtime.serve.metrics import ServerMetrics, StatusCountingMiddleware
 from runtime.serve.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from runtime.serve.preprocess import Preprocessor
+from runtime.serve.profiler import add_profiler_routes
 from runtime.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from runtime.serve.settings import ServerSettings
 from runtime.serve.streaming import ClientDisconnected
@@ -102,4 +103,5 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    add_profiler_routes(app, engine, settings)
     return app

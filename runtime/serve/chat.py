@@ -35,7 +35,8 @@ class ChatEndpoint(ServingBase):
             budget_param, budget = "max_completion_tokens", req.max_completion_tokens
         else:
             budget_param, budget = "max_tokens", req.max_tokens
-        params = self.pre.sampling_params(req, self.pre.max_tokens(len(prompt.token_ids), budget, budget_param, None),
+        params = self.pre.sampling_params(req, self.pre.max_tokens(len(prompt.token_ids), budget, budget_param,
+                                                                  self.pre.default_max_tokens()),
                                           top)
         request_id, created = self.new_id("chatcmpl")
         streams = self.start(request_id, [prompt], [params])

@@ -20,6 +20,9 @@ from runtime.serve.settings import ServerSettings
 _TOKENIZER_THREADS = 4
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+# Sampling fields a request may leave out (null): the generation config's default, else SamplingParams'.
+_DEFAULTED_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty")
 
 
 @dataclass
@@ -34,6 +37,8 @@ class Preprocessor:
         self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.core.max_model_len
         self.vocab_size: int = engine.core.vocab_size
+        # The checkpoint's recommended sampling, for the fields a request leaves out.
+        self.sampling_defaults: dict[str, Any] = engine.core.sampling_defaults
         self.settings = settings
         self.image_placeholder = image_placeholder(engine.core)
         # The longest text a context of max_model_len tokens can hold: past it a prompt is refused unread.
@@ -160,17 +165,16 @@ class Preprocessor:
         return text, tok.encode(_unicode(text, "messages"), add_special_tokens=False)
 
     # ---- sampling -----------------------------------------------------------------------------
-    def sampling_params(self, req: _SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        def given(value, default):
-            return default if value is None else value
+    def default_max_tokens(self) -> int | None:
+        """The generation config's max_new_tokens, for a request that names no budget."""
+        return self.sampling_defaults.get("max_tokens")
 
+    def sampling_params(self, req: _SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        given = {name: getattr(req, name) for name in _DEFAULTED_FIELDS if getattr(req, name) is not None}
         try:
             return SamplingParams(
-                n=req.n, temperature=given(req.temperature, 1.0), top_p=given(req.top_p, 1.0),
-                top_k=given(req.top_k, 0), min_p=given(req.min_p, 0.0),
-                repetition_penalty=given(req.repetition_penalty, 1.0),
-                presence_penalty=given(req.presence_penalty, 0.0), frequency_penalty=given(req.frequency_penalty, 0.0),
-                seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
+                **{**self.sampling_defaults, **given},
+                n=req.n, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
                 stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
         except ValueError as e:

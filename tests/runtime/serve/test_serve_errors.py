@@ -181,7 +181,7 @@ class _StubEngine:
         from types import SimpleNamespace
 
         self.tokenizer = None
-        self.core = SimpleNamespace(max_model_len=64, vocab_size=100)
+        self.core = SimpleNamespace(max_model_len=64, vocab_size=100, sampling_defaults={})
         self.is_alive = alive
 
     def stats(self):
