@@ -50,11 +50,14 @@ class GraphModeBackend:
         self.split_module: torch.fx.GraphModule | None = None  # what Dynamo's code calls after the trace
         self._pass_code: dict[str, list[str]] = defaultdict(list)  # for dumps: per pass, each piece's code
         self.compiled_op_counts: dict[str, dict[str, int]] = {}  # piece name -> ops of what was compiled
+        self.trace_started: float | None = None  # set by the decorator as the first call enters Dynamo
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         counters.dynamo_traces += 1
         counters.traces_by_tag[self.tag] += 1
         start = time.perf_counter()
+        if self.trace_started is not None:
+            self.timings["trace_s"] = start - self.trace_started  # Dynamo's trace, up to handing us the graph
         if self.dump:
             self.dump.write_graph("dynamo", gm, f"{self.tag}: graph traced by Dynamo")
         split_gm, self.pieces = split_graph(gm, self.config.splitting_ops)
@@ -75,6 +78,12 @@ class GraphModeBackend:
             self.dump.flush()
         self.split_module = split_gm
         return split_gm
+
+    def record_capture(self, capture: dict[str, Any]) -> None:
+        """What the runtime captured from this tag's graphs (mode, sizes, graph pool, seconds), for the dump."""
+        if self.dump:
+            self.dump.set(capture=capture)
+            self.dump.flush()
 
     def _dump_passes(self) -> None:
         if self.pass_manager is None:

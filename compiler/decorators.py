@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import logging
 import sys
+import time
 import types
 from typing import Any, Callable, TypeVar
 
@@ -92,6 +93,7 @@ class CompiledForward:
             bound = self.signature.bind(module, *args, **kwargs)
             self._mark_dynamic(bound)
             # Size-oblivious reasoning keeps a first call with 1 token from specialising the graph to 1.
+            self.backend.trace_started = time.perf_counter()
             with fx_config.patch(backed_size_oblivious=True):
                 out = self.compiled(module, *args, **kwargs)
             self.traced = True
@@ -111,6 +113,14 @@ class CompiledForward:
                     f"{self.tag}: these inputs need a new trace (the compiled graph assumes the first call's "
                     f"argument structure and dtypes): {str(e).splitlines()[0]}") from None
         return self.compiled(module, *args, **kwargs)
+
+
+def record_capture(root: torch.nn.Module, capture: dict[str, Any], tag: str = "decoder") -> None:
+    """Hand what the runtime captured for ``root``'s compiled modules of ``tag`` to their dumps."""
+    for module in root.modules():
+        compiled = getattr(module, "_compiled_forward", None)
+        if compiled is not None and compiled.tag == tag:
+            compiled.backend.record_capture(capture)
 
 
 def _pass_manager(config: CompilationConfig, compiler: CompilerInterface) -> Any | None:

@@ -357,15 +357,29 @@ def piece_facts(tag: Tag, tg: TagGraph) -> list[dict[str, Any]]:
     return facts
 
 
-def diff_codes(before: list[GraphCode], after: list[GraphCode]) -> dict[str, Any]:
-    """Nodes removed / added / rewired between two versions of a graph (FX keeps node names)."""
-    b = {(s.name, s.op): s for g in before for s in g.ops}
-    a = {(s.name, s.op): s for g in after for s in g.ops}
+def _diff_graph(before: GraphCode | None, after: GraphCode | None) -> tuple[list, list, list]:
+    """Nodes removed / added / rewired between two versions of one graph (FX keeps node names)."""
+    b = {(s.name, s.op): s for s in (before.ops if before else [])}
+    a = {(s.name, s.op): s for s in (after.ops if after else [])}
     removed = [{"name": s.name, "op": s.op, "line": s.line, "code": s.text} for k, s in b.items() if k not in a]
     added = [{"name": s.name, "op": s.op, "line": s.line, "code": s.text} for k, s in a.items() if k not in b]
     changed = [{"name": s.name, "op": s.op, "inputs_before": b[k].inputs, "inputs_after": s.inputs, "line": s.line}
                for k, s in a.items() if k in b and b[k].inputs != s.inputs]
+    return removed, added, changed
+
+
+def diff_codes(before: list[GraphCode], after: list[GraphCode]) -> dict[str, Any]:
+    """Nodes removed / added / rewired between two versions of a file of graphs, graph by graph in order
+    (a file of pieces holds one graph per piece, and node names repeat across pieces)."""
+    removed, added, changed, per_graph = [], [], [], []
+    for i in range(max(len(before), len(after))):
+        r, a, c = _diff_graph(before[i] if i < len(before) else None, after[i] if i < len(after) else None)
+        for entries in (r, a, c):
+            for entry in entries:
+                entry["graph"] = i
+        removed, added, changed = removed + r, added + a, changed + c
+        per_graph.append({"graph": i, "removed": len(r), "added": len(a), "changed": len(c)})
     hb, ha = Counter(op_counts(before)), Counter(op_counts(after))
     delta = {op: ha[op] - hb[op] for op in sorted(set(hb) | set(ha)) if ha[op] != hb[op]}
     return {"ops_before": sum(hb.values()), "ops_after": sum(ha.values()), "op_delta": delta,
-            "removed": removed, "added": added, "changed": changed}
+            "removed": removed, "added": added, "changed": changed, "per_graph": per_graph}

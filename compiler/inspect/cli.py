@@ -97,7 +97,8 @@ def tag_summary(tag: Tag) -> dict[str, Any]:
         "timings_s": tag.timings,
         "totals": {"pieces": len(pieces), "compiled_pieces": len(compiled), "splitting_pieces": len(split),
                    "ops": sum(p["num_ops"] for p in pieces), "ops_compiled": sum(p["num_ops"] for p in compiled),
-                   "ops_splitting": sum(p["num_ops"] for p in split)},
+                   "ops_splitting": sum(p["num_ops"] for p in split),
+                   "ops_after_passes": sum(_compiled_ops(tag).values())},
         "longest_chain": analysis.longest_chain(tg.graph),
         "pieces": pieces,
         "splitting_points": analysis.splitting_points(tag, tg),
@@ -149,14 +150,25 @@ def ops_facts(tag: Tag, piece: int | None, stage: str | None) -> dict[str, Any]:
             "ast_matches_manifest": ast_counts is None or ast_counts == counts}
 
 
+PASS_SETS = ("default", "all")  # ``diff TAG default``: what the whole pipeline did, first pass to last
+
+
 def diff_facts(tag: Tag, pass_name: str) -> dict[str, Any]:
-    entry = tag.pass_entry(pass_name)
-    before_stage = tag.stage_before_pass(pass_name)
+    if pass_name in PASS_SETS and not any(e.name == pass_name for e in tag.passes):
+        if not tag.passes:
+            raise DumpError(f"tag {tag.name!r} ran no passes: there is nothing to diff")
+        first, last = tag.passes[0], tag.passes[-1]
+        before_stage, after_stage = tag.stage_before_pass(first.name), f"after:{last.name}"
+        name, matches = pass_name, sum(tag.pass_matches.get(e.name) or 0 for e in tag.passes)
+    else:
+        entry = tag.pass_entry(pass_name)
+        before_stage, after_stage = tag.stage_before_pass(pass_name), f"after:{entry.name}"
+        name, matches = entry.name, tag.pass_matches.get(entry.name)
     before_file, before_src = tag.read_stage(before_stage)
-    after_file, after_src = tag.read_stage(f"after:{entry.name}")
+    after_file, after_src = tag.read_stage(after_stage)
     diff = analysis.diff_codes(analysis.parse_source(before_src, before_file), analysis.parse_source(after_src, after_file))
-    return {"tag": tag.name, "pass": entry.name, "matches": tag.pass_matches.get(entry.name),
-            "before": {"stage": before_stage, "file": before_file}, "after": {"stage": f"after:{entry.name}",
+    return {"tag": tag.name, "pass": name, "matches": matches,
+            "before": {"stage": before_stage, "file": before_file}, "after": {"stage": after_stage,
                                                                              "file": after_file}, **diff}
 
 
@@ -196,8 +208,7 @@ def _compiled_ops(tag: Tag) -> Counter:
 
 def _compiled_op_facts(tag_a: Tag, tag_b: Tag) -> dict[str, Any]:
     ca, cb = _compiled_ops(tag_a), _compiled_ops(tag_b)
-    return {"compiled_ops": {"a": sum(ca.values()), "b": sum(cb.values())},
-            "compiled_op_deltas": {op: {"a": ca[op], "b": cb[op], "delta": cb[op] - ca[op]}
+    return {"compiled_op_deltas": {op: {"a": ca[op], "b": cb[op], "delta": cb[op] - ca[op]}
                                    for op in sorted(set(ca) | set(cb), key=lambda o: (-abs(cb[o] - ca[o]), o))
                                    if ca[op] != cb[op]}}
 
@@ -215,6 +226,7 @@ def compare_facts(a: Dump, b: Dump) -> dict[str, Any]:
             for p in sb["pieces"]:
                 cb.update(p["op_counts"])
             entry.update(ops_a=sa["totals"]["ops"], ops_b=sb["totals"]["ops"],
+                         ops_after_passes={"a": sa["totals"]["ops_after_passes"], "b": sb["totals"]["ops_after_passes"]},
                          op_deltas={op: {"a": ca[op], "b": cb[op], "delta": cb[op] - ca[op]}
                                     for op in sorted(set(ca) | set(cb), key=lambda o: (-abs(cb[o] - ca[o]), o))
                                     if ca[op] != cb[op]})

@@ -67,16 +67,19 @@ def render_summary(facts: dict[str, Any]) -> str:
                                           for k in ("trace", "passes", "compile", "capture")),
                 f"  cache    {t['cache']}",
                 f"  pieces   {totals['pieces']} ({totals['compiled_pieces']} compiled, {totals['splitting_pieces']} "
-                f"splitting) · {totals['ops']} ops ({totals['ops_compiled']} compiled, {totals['ops_splitting']} in "
-                f"splitting pieces) · longest chain {t['longest_chain']} ops"]
+                f"splitting) · {totals['ops']} ops traced ({totals['ops_compiled']} in compiled pieces, "
+                f"{totals['ops_splitting']} in splitting pieces) · {totals['ops_after_passes']} ops compiled after "
+                f"passes · longest chain {t['longest_chain']} ops"]
         cap = t["capture"]
-        if cap:
+        if cap and cap.get("mode") == "none":
+            out.append(f"  capture  none ({cap.get('reason', 'not captured')})")
+        elif cap:
             sizes = cap.get("sizes") or []
             shown = ", ".join(map(str, sizes[:8])) + (f", … ({len(sizes)} sizes)" if len(sizes) > 8 else "")
             out.append(f"  capture  mode={cap.get('mode')} sizes=[{shown}] graph pool "
                        f"{size_bytes(cap.get('graph_pool_bytes'))} in {seconds(cap.get('capture_s'))}")
         else:
-            out.append("  capture  none")
+            out.append("  capture  none recorded (the model was compiled but no runtime captured it)")
         out += ["", table(["piece", "name", "kind", "ops", "chain", "in", "out", "top ops"],
                           [[p["index"], p["name"], "SPLIT" if p["is_splitting_op"] else "compiled", p["num_ops"],
                             p["longest_chain"], p["inputs"], p["outputs"], _top(p["op_counts"])] for p in t["pieces"]])]
@@ -130,13 +133,20 @@ def render_diff(facts: dict[str, Any]) -> str:
            f"{len(facts['added'])} added, {len(facts['changed'])} rewired"]
     if facts["op_delta"]:
         out += ["", table(["op", "delta"], [[op, signed(d)] for op, d in facts["op_delta"].items()])]
+    per_graph = facts.get("per_graph") or []
+    if len(per_graph) > 1:  # a file of pieces: say which graph (piece, in file order) each change is in
+        out += ["", table(["graph", "removed", "added", "rewired"],
+                          [[g["graph"], g["removed"], g["added"], g["changed"]] for g in per_graph
+                           if g["removed"] or g["added"] or g["changed"]])]
+    where = (lambda item: f"[g{item['graph']}] ") if len(per_graph) > 1 else (lambda item: "")
     for title, items in (("removed", facts["removed"]), ("added", facts["added"])):
         if items:
-            out += ["", f"  {title}:"] + [f"    {'-' if title == 'removed' else '+'} {i['code']}" for i in items]
+            out += ["", f"  {title}:"] + [f"    {'-' if title == 'removed' else '+'} {where(i)}{i['code']}"
+                                          for i in items]
     if facts["changed"]:
         out += ["", "  rewired (same node, other inputs):"]
-        out += [f"    ~ {c['name']} = {c['op']}({', '.join(c['inputs_before'])}) -> ({', '.join(c['inputs_after'])})"
-                for c in facts["changed"]]
+        out += [f"    ~ {where(c)}{c['name']} = {c['op']}({', '.join(c['inputs_before'])}) -> "
+                f"({', '.join(c['inputs_after'])})" for c in facts["changed"]]
     if not (facts["removed"] or facts["added"] or facts["changed"]):
         out.append("  the pass left the graph unchanged")
     return "\n".join(out)
@@ -149,9 +159,9 @@ def render_compare(facts: dict[str, Any]) -> str:
         if not (t["in_a"] and t["in_b"]):
             out.append(f"  only in {'A' if t['in_a'] else 'B'}")
             continue
-        rows = [["ops", t["ops_a"], t["ops_b"], signed(t["ops_b"] - t["ops_a"])],
-                ["compiled ops", t["compiled_ops"]["a"], t["compiled_ops"]["b"],
-                 signed(t["compiled_ops"]["b"] - t["compiled_ops"]["a"])]]
+        after = t["ops_after_passes"]
+        rows = [["ops traced", t["ops_a"], t["ops_b"], signed(t["ops_b"] - t["ops_a"])],
+                ["ops compiled after passes", after["a"], after["b"], signed(after["b"] - after["a"])]]
         for key in ("pieces", "compiled_pieces", "splitting_pieces", "longest_chain"):
             rows.append([key.replace("_", " "), t[key]["a"], t[key]["b"], signed(t[key]["b"] - t[key]["a"])])
         for key, v in t["timings_s"].items():

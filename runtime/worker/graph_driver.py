@@ -11,6 +11,7 @@ from typing import Any, ContextManager, Sequence
 import torch
 from torch import nn
 
+from compiler import record_capture
 from compiler.config import CompilationConfig
 from compiler.counters import counters
 from compiler.dispatcher import Dispatch, GraphDispatcher
@@ -93,8 +94,19 @@ class GraphDriver:
         """Graph pool memory captured so far (whole-step and micro-batch graphs)."""
         return sum(r.pool_bytes for r in [self.runtime, *self.ubatch_runtimes] if r is not None)
 
-    def log_capture(self) -> None:
-        if self.runtime is not None:
-            runtimes = [self.runtime, *self.ubatch_runtimes]
-            logger.info("captured %d static graphs in %.1f s; graph pool %.1f MiB", counters.graphs_captured,
-                        sum(r.capture_seconds for r in runtimes), sum(r.pool_bytes for r in runtimes) / 2**20)
+    def report_capture(self) -> None:
+        """Log what was captured and hand it to the decoder's graph dump (``compiler.inspect`` shows it)."""
+        if self.runtime is None:
+            reason = (f"{current_platform.name.upper()}: no static graphs on this platform"
+                      if not current_platform.supports_static_graphs else "graph_mode=none")
+            record_capture(self.model, {"mode": "none", "reason": reason})
+            return
+        runtimes = [self.runtime, *self.ubatch_runtimes]
+        seconds, pool = sum(r.capture_seconds for r in runtimes), sum(r.pool_bytes for r in runtimes)
+        logger.info("captured %d static graphs in %.1f s; graph pool %.1f MiB", counters.graphs_captured, seconds,
+                    pool / 2**20)
+        mode = "full_and_piecewise" if self.dispatcher.full and self.dispatcher.piecewise else \
+            ("full" if self.dispatcher.full else "piecewise")
+        record_capture(self.model, {"mode": mode, "sizes": sorted({size for _, size, _ in self.capture_sizes()}),
+                                    "full_sizes": sorted(self.full_sizes), "graphs": counters.graphs_captured,
+                                    "graph_pool_bytes": pool, "capture_s": seconds})

@@ -142,7 +142,7 @@ class ModelRunner:
         if self.multimodal is not None:
             self.multimodal.encoder.capture()
         current_platform.synchronize()
-        self.graphs.log_capture()
+        self.graphs.report_capture()
 
     def _dummy_step(self, mode: str, size: int, ubatch: int | None = None) -> None:
         """``size`` one-token sequences writing nowhere (slot -1), through the persistent buffers

@@ -339,3 +339,23 @@ def test_help_lists_the_commands():
     assert proc.returncode == 0
     for command in ("summary", "ops TAG", "show TAG", "diff TAG PASS", "graph TAG", "compare"):
         assert command in out
+
+
+def test_an_engine_run_records_its_capture_and_trace_time(tmp_path, capsys):
+    """The engine hands what it captured to the dump; on the CPU that is nothing, and the summary says why."""
+    from models.testing import write_tiny_checkpoint
+    from runtime import LLM
+    from runtime.platforms import current_platform
+
+    if current_platform.supports_static_graphs:
+        pytest.skip("checks the CPU dump: this platform captures graphs (tests/gpu checks those)")
+    ckpt = write_tiny_checkpoint("LlamaForCausalLM", str(tmp_path / "llama"))
+    dump_dir = str(tmp_path / "dump")
+    LLM(ckpt, dtype="float32", max_num_seqs=2, max_model_len=64, num_kv_blocks=16,
+        compilation_config={"mode": "compile", "backend": "eager", "graph_mode": "piecewise", "dump_dir": dump_dir})
+    tag = _json(capsys, dump_dir, "summary")["tags"][0]
+    assert tag["capture"] == {"mode": "none", "reason": "CPU: no static graphs on this platform"}
+    assert tag["timings_s"]["trace_s"] > 0
+    assert main([dump_dir]) == 0
+    text = capsys.readouterr().out
+    assert "capture  none (CPU: no static graphs on this platform)" in text and "trace=-" not in text

@@ -49,7 +49,30 @@ def test_summary_and_ops_match_the_run(dumps):
 def test_compare_reports_the_op_drop_from_passes(dumps):
     facts = _cli("compare", dumps["nopasses"][0], dumps["passes"][0])
     tag = next(t for t in facts["tags"] if t["tag"] == "decoder")
-    assert tag["compiled_ops"]["b"] < tag["compiled_ops"]["a"]
+    assert tag["ops_after_passes"]["b"] < tag["ops_after_passes"]["a"]
     assert tag["compiled_op_deltas"]["graphmode::silu_and_mul"]["delta"] == dumps["passes"][1].config.num_hidden_layers
     rsqrt = {op: v for op, v in tag["compiled_op_deltas"].items() if "rsqrt" in op}
     assert rsqrt and all(v["b"] == 0 and v["a"] > 0 for v in rsqrt.values())  # every norm was fused
+
+
+def test_summary_and_compare_count_the_same_compiled_ops(dumps):
+    root, _ = dumps["passes"]
+    tag = next(t for t in _cli(root, "summary")["tags"] if t["tag"] == "decoder")
+    same = next(t for t in _cli("compare", root, root)["tags"] if t["tag"] == "decoder")
+    assert tag["totals"]["ops_after_passes"] == same["ops_after_passes"]["a"] == same["ops_after_passes"]["b"]
+    assert tag["totals"]["ops_after_passes"] < tag["totals"]["ops_compiled"]  # the passes fused ops away
+    assert tag["timings_s"]["trace_s"] > 0  # Dynamo's trace, timed
+
+
+def test_diff_reports_per_piece_and_takes_the_default_pass_set(dumps):
+    root, loaded = dumps["passes"]
+    layers = loaded.config.num_hidden_layers
+    silu = _cli(root, "diff", "decoder", "fuse_silu_mul")
+    # One SiLU-and-mul per layer, each in its own piece (node names repeat across pieces).
+    assert silu["op_delta"]["graphmode::silu_and_mul"] == layers
+    touched = [g for g in silu["per_graph"] if g["added"]]
+    assert len(touched) == layers and len(silu["per_graph"]) == layers + 1
+    everything = _cli(root, "diff", "decoder", "default")
+    assert everything["pass"] == "default" and everything["before"]["file"] == "aten.py"
+    assert everything["op_delta"]["graphmode::silu_and_mul"] == layers
+    assert everything["matches"] == sum(m for m in _cli(root, "summary")["tags"][0]["pass_matches"].values())
