@@ -143,7 +143,8 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch
     start = time.perf_counter()
     model = build_model(config, torch_dtype, device, init=False, compilation_config=compilation_config,
                         parallel=parallel, model_options=model_options)
-    weights = tqdm(iter_weights(ckpt, config), desc="Loading weights", unit="tensor", leave=False)
+    # disable=None: a bar on a terminal only (a log gets the line below, not \r codes).
+    weights = tqdm(iter_weights(ckpt, config), desc="Loading weights", unit="tensor", leave=False, disable=None)
     load_weights(model, weights)
     logger.info("loaded %s (%s) as %s on %s in %.1f s", ckpt.display, type(model).__name__,
                 str(torch_dtype).removeprefix("torch."), device, time.perf_counter() - start)

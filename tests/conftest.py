@@ -7,6 +7,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+@pytest.fixture(autouse=True)
+def _restore_our_log_levels():
+    """A command-line main run in-process (``bench.main([... "--log-level", "ERROR"])``) sets our packages'
+    logger levels (runtime/logger.py); later tests' caplog must still see their INFO lines."""
+    from runtime.logger import PACKAGES
+
+    levels = {name: logging.getLogger(name).level for name in PACKAGES}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def pytest_configure(config):
     from runtime.platforms import current_platform
 

@@ -63,7 +63,8 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm, leave=False)
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", leave=False,
+                   disable=None if use_tqdm else True)  # None: only on a terminal (no \r codes in logs)
         while self.engine.has_unfinished_requests() or len(done) < len(ids):
             for out in self.engine.step():
                 if out.finished and out.request_id not in done:

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="fixed KV cache size in blocks of 16 tokens, overriding memory-based sizing "
-                        "(default: a share of free memory on CPU, profiled on GPU)")
+                        "(default: profiled on GPU; on CPU a quarter of free memory, at most 1 GiB)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=None,
                    help="fixed KV cache size in GiB (default: sized from free memory)")
     p.add_argument("--compilation-config", default=None, metavar="JSON",

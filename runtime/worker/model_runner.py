@@ -136,7 +136,9 @@ class ModelRunner:
     def capture_graphs(self) -> None:
         """Warm up and capture every (mode, size) graph, largest first, before serving."""
         plan = self.graphs.capture_sizes()
-        for mode, size, ubatch in tqdm(plan, desc="Capturing graphs", unit="graph", disable=not plan, leave=False):
+        # disable=None: a bar on a terminal only; logs get the summary line of report_capture instead.
+        for mode, size, ubatch in tqdm(plan, desc="Capturing graphs", unit="graph", leave=False,
+                                       disable=None if plan else True):
             for _ in range(2):  # the first call at a size warms up, the second captures
                 self._dummy_step(mode, size, ubatch)
         if self.multimodal is not None:
