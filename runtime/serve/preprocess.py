@@ -171,12 +171,14 @@ class Preprocessor:
 
     def sampling_params(self, req: _SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
         given = {name: getattr(req, name) for name in _DEFAULTED_FIELDS if getattr(req, name) is not None}
+        # One dict, later keys winning: the generation config's defaults, then the request's own values.
+        values = {**self.sampling_defaults, **given,
+                  "n": req.n, "seed": req.seed, "max_tokens": max_tokens, "min_tokens": req.min_tokens, "stop": req.stop,
+                  "stop_token_ids": list(req.stop_token_ids or []), "ignore_eos": req.ignore_eos, "logprobs": logprobs,
+                  "skip_special_tokens": req.skip_special_tokens,
+                  "include_stop_str_in_output": req.include_stop_str_in_output}
         try:
-            return SamplingParams(
-                **{**self.sampling_defaults, **given},
-                n=req.n, seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
-                stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
+            return SamplingParams(**values)
         except ValueError as e:
             raise from_sampling_error(e) from None
 

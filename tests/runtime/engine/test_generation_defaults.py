@@ -61,13 +61,14 @@ def test_the_server_fills_only_what_a_request_leaves_out():
     from runtime.serve.protocol import CompletionRequest
     from runtime.serve.settings import ServerSettings
 
-    core = SimpleNamespace(max_model_len=64, vocab_size=100, sampling_defaults={"temperature": 0.3, "top_k": 7},
-                           model_class=object)
+    core = SimpleNamespace(max_model_len=64, vocab_size=100, model_class=object,
+                           sampling_defaults={"temperature": 0.3, "top_k": 7, "max_tokens": 5})
     pre = Preprocessor(SimpleNamespace(tokenizer=None, core=core), ServerSettings(served_model_names=["m"]))
     try:
         left_out = pre.sampling_params(CompletionRequest(prompt=[1]), 4, None)
         given = pre.sampling_params(CompletionRequest(prompt=[1], temperature=0.9, top_k=None), 4, None)
     finally:
         pre.close()
-    assert (left_out.temperature, left_out.top_k) == (0.3, 7)
+    assert (left_out.temperature, left_out.top_k, left_out.max_tokens) == (0.3, 7, 4)  # the budget it was given
     assert (given.temperature, given.top_k) == (0.9, 7)  # null is "left out"
+    assert pre.default_max_tokens() == 5  # a chat request naming no budget gets max_new_tokens
