@@ -57,6 +57,10 @@ class Platform:
     def memory_allocated(self) -> int:
         return 0
 
+    def memory_reserved(self) -> int:
+        """Device memory this process's caching allocator holds (allocated or cached), in bytes."""
+        return 0
+
     # ---- kernels, attention and compile backends the platform itself provides -------------
     def op_kernel(self, op_name: str) -> Callable[..., Any] | None:
         """The platform's own kernel for custom op ``op_name`` ("graphmode::rms_norm", ...), or None.

@@ -48,6 +48,9 @@ class CudaPlatform(Platform):
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated()
 
+    def memory_reserved(self) -> int:
+        return torch.cuda.memory_reserved()
+
     def multiprocessor_count(self, device: torch.device) -> int | None:
         if device.type != "cuda":
             return None

@@ -107,6 +107,9 @@ class NpuPlatform(Platform):
     def memory_allocated(self) -> int:
         return torch.npu.memory_allocated()  # torch_npu 2.11
 
+    def memory_reserved(self) -> int:
+        return torch.npu.memory_reserved()  # torch_npu 2.11
+
     # ---- kernels, attention, compile backends ---------------------------------------------
     def op_kernel(self, op_name: str) -> Callable[..., Any] | None:
         return KERNELS.get(op_name)

@@ -26,11 +26,15 @@ def plan_kv_blocks(cfg: EngineConfig, runner: ModelRunner) -> int:
     elif current_platform.supports_memory_profiling:
         peak = runner.profile_peak_bytes()
         info = current_platform.memory_info()
-        # Memory in use counts every process on the device, as vLLM's gpu_memory_utilization does.
+        # Memory in use counts every process on the device, as vLLM's gpu_memory_utilization does; the
+        # split says whose it is (a second engine in one process, another process, or the driver's context).
         in_use = info.total_bytes - info.free_bytes
+        ours = current_platform.memory_reserved()
         blocks = int(info.total_bytes * cfg.gpu_memory_utilization - in_use - peak) // per_block
         how = (f"profiled: activation peak {peak / GiB:.2f} GiB, {cfg.gpu_memory_utilization:.0%} of "
-               f"{info.total_bytes / GiB:.1f} GiB, {in_use / GiB:.1f} GiB already in use on the device")
+               f"{info.total_bytes / GiB:.1f} GiB, {in_use / GiB:.1f} GiB already in use on the device "
+               f"({ours / GiB:.1f} GiB held by this process's allocator: weights and anything still cached; "
+               f"{(in_use - ours) / GiB:.1f} GiB outside it: other processes and the driver's context)")
     else:
         avail = current_platform.memory_info().free_bytes
         blocks, how = int(min(_CPU_KV_CAP, avail * _CPU_KV_SHARE)) // per_block, "share of free host memory"

@@ -131,12 +131,13 @@ def test_kv_planning_on_a_full_device_names_what_holds_the_memory(monkeypatch):
     from runtime.platforms.base import MemoryInfo
 
     GiB = 1 << 30
-    device = SimpleNamespace(supports_memory_profiling=True,
+    device = SimpleNamespace(supports_memory_profiling=True, memory_reserved=lambda: 3 * GiB,
                              memory_info=lambda: MemoryInfo(free_bytes=10 * GiB, total_bytes=140 * GiB))
     monkeypatch.setattr(kv_sizing, "current_platform", device)
     runner = SimpleNamespace(bytes_per_block=lambda: 1 << 20, profile_peak_bytes=lambda: GiB // 4)
     config = EngineConfig(model="unused")
-    with pytest.raises(RuntimeError, match=r"130\.0 GiB already in use on the device.*kv_cache_memory_gb"):
+    with pytest.raises(RuntimeError, match=r"130\.0 GiB already in use on the device \(3\.0 GiB held by this "
+                                           r"process's allocator.*127\.0 GiB outside it.*kv_cache_memory_gb"):
         kv_sizing.plan_kv_blocks(config, runner)
     # The same device with room: 85 % of 140 GiB minus 30 GiB in use minus the 0.25 GiB peak.
     device.memory_info = lambda: MemoryInfo(free_bytes=110 * GiB, total_bytes=140 * GiB)
