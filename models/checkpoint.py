@@ -116,47 +116,9 @@ def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor, str]]:
             raise CheckpointError(f"{path}: corrupt safetensors file ({str(e).splitlines()[0]})") from e
 
 
-class _FlatReference:
-    """What transformers' GGUF name mapping reads of a model (config, parameter names, submodules), with no
-    submodules: it builds gguf's name table once per module it visits and rescans every parameter name each
-    time (~400 modules: 4 s for SmolLM2 on the CI machine). For architectures whose HF names gguf's table
-    knows from the top (the standard decoders), one visit maps every tensor."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.config = model.config
-        self._names = dict.fromkeys(model.state_dict())
-
-    def state_dict(self) -> dict[str, None]:
-        return self._names
-
-    def named_children(self) -> list:
-        return []
-
-
-# model_type of architectures whose every GGUF tensor maps from the top-level parameter names.
-_FLAT_NAME_MAP = {"llama", "qwen2", "qwen3", "qwen3_moe"}
-
-
-def iter_gguf(ckpt: Checkpoint, config: Any) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Dequantized GGUF tensors under their HF names, through transformers' GGUF reader."""
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    path = os.path.join(ckpt.directory, ckpt.gguf_file)
-    # transformers maps GGUF names to HF names through a model instance; a meta one costs nothing.
-    with torch.device("meta"):
-        reference = AutoModelForCausalLM.from_config(config)
-    if getattr(config, "model_type", None) in _FLAT_NAME_MAP:
-        reference = _FlatReference(reference)
-    try:
-        tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=reference)["tensors"]
-    except (ValueError, OSError, KeyError) as e:
-        raise CheckpointError(f"{path}: cannot read GGUF ({str(e).splitlines()[0]})") from e
-    for name, tensor in tensors.items():
-        yield name, tensor, path
-
-
 def iter_weights(ckpt: Checkpoint, config: Any) -> Iterator[tuple[str, torch.Tensor, str]]:
     if ckpt.gguf_file:
+        from models.gguf_file import iter_gguf
+
         return iter_gguf(ckpt, config)
     return iter_safetensors(ckpt.directory)

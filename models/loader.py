@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from compiler import CompilationConfig, use_config
 from models.checkpoint import Checkpoint, CheckpointError, iter_weights, load_config, load_tokenizer, resolve_checkpoint
+from models.gguf_file import gguf_parsed_once
 from models.registry import resolve_model_class
 from models.weights import StackedWeights
 from runtime.distributed.parallel_state import ParallelContext, current_parallel, use_parallel
@@ -137,15 +138,16 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch
     (this rank's shard of it when ``parallel`` spans several ranks). ``model_config``: the
     checkpoint's config when the caller already read it (reading a GGUF's config parses the file)."""
     ckpt = resolve_checkpoint(path)
-    config = model_config if model_config is not None else load_config(ckpt)
-    torch_dtype = resolve_dtype(dtype, config)
-    device = torch.device(device) if device is not None else current_platform.device()
-    start = time.perf_counter()
-    model = build_model(config, torch_dtype, device, init=False, compilation_config=compilation_config,
-                        parallel=parallel, model_options=model_options)
-    # disable=None: a bar on a terminal only (a log gets the line below, not \r codes).
-    weights = tqdm(iter_weights(ckpt, config), desc="Loading weights", unit="tensor", leave=False, disable=None)
-    load_weights(model, weights)
+    with gguf_parsed_once():
+        config = model_config if model_config is not None else load_config(ckpt)
+        torch_dtype = resolve_dtype(dtype, config)
+        device = torch.device(device) if device is not None else current_platform.device()
+        start = time.perf_counter()
+        model = build_model(config, torch_dtype, device, init=False, compilation_config=compilation_config,
+                            parallel=parallel, model_options=model_options)
+        # disable=None: a bar on a terminal only (a log gets the line below, not \r codes).
+        weights = tqdm(iter_weights(ckpt, config), desc="Loading weights", unit="tensor", leave=False, disable=None)
+        load_weights(model, weights)
     logger.info("loaded %s (%s) as %s on %s in %.1f s", ckpt.display, type(model).__name__,
                 str(torch_dtype).removeprefix("torch."), device, time.perf_counter() - start)
     return LoadedModel(model, config, ckpt, torch_dtype, device, compilation_config)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from models.checkpoint import Checkpoint, load_config, load_tokenizer, resolve_checkpoint
+from models.gguf_file import gguf_parsed_once
 from models.default import default_model_path, is_embedded_default
 from models.generation_defaults import read_generation_defaults
 from models.loader import LoadedModel
@@ -85,28 +86,30 @@ class EngineCore:
         if config.enable_dbo and not config.communicates:
             logger.warning("DBO on one device: there is no communication to overlap, so the two micro-batches "
                            "only add work (each reads all weights; docs/perf.md measures the cost)")
-        if loaded is not None:
+        # The config, the tokenizer and (in this process) the weights share one parse of a GGUF file.
+        with gguf_parsed_once():
+            if loaded is not None:
+                if config.tensor_parallel_size > 1:
+                    raise ValueError("tensor_parallel_size > 1 loads the model in its worker processes: pass a "
+                                     "checkpoint path, not a model already in memory")
+                if loaded.compilation_config is not None:
+                    config.compilation_config = loaded.compilation_config  # graphs must match how it was compiled
+                checkpoint, self.model_config, self.tokenizer = loaded.checkpoint, loaded.config, loaded.tokenizer()
+            else:
+                checkpoint = resolve_checkpoint(config.model or default_model_path())
+                config.model = checkpoint.display
+                self.model_config, self.tokenizer = load_config(checkpoint), load_tokenizer(checkpoint)
+            self.vocab_size: int = self.model_config.get_text_config().vocab_size
+            self.sampling_defaults = _sampling_defaults(config, checkpoint)
+            self.max_model_len = engine_max_model_len(config, self.model_config)
+            self.model_class = resolve_model_class(self.model_config)
+            _check_encoder_attention(config, self.model_class, loaded)
             if config.tensor_parallel_size > 1:
-                raise ValueError("tensor_parallel_size > 1 loads the model in its worker processes: pass a "
-                                 "checkpoint path, not a model already in memory")
-            if loaded.compilation_config is not None:
-                config.compilation_config = loaded.compilation_config  # graphs must match how it was compiled
-            checkpoint, self.model_config, self.tokenizer = loaded.checkpoint, loaded.config, loaded.tokenizer()
-        else:
-            checkpoint = resolve_checkpoint(config.model or default_model_path())
-            config.model = checkpoint.display
-            self.model_config, self.tokenizer = load_config(checkpoint), load_tokenizer(checkpoint)
-        self.vocab_size: int = self.model_config.get_text_config().vocab_size
-        self.sampling_defaults = _sampling_defaults(config, checkpoint)
-        self.max_model_len = engine_max_model_len(config, self.model_config)
-        self.model_class = resolve_model_class(self.model_config)
-        _check_encoder_attention(config, self.model_class, loaded)
-        if config.tensor_parallel_size > 1:
-            self._check_shardable()  # a clear error before any process starts
-        self.input_processor = _input_processor(self.model_class, self.model_config, checkpoint, config)
-        spec = WorkerSpec(config, self.max_model_len, self.model_config)
-        self.executor: Executor = (MultiprocExecutor(spec) if config.tensor_parallel_size > 1
-                                   else InProcessExecutor(spec, loaded))
+                self._check_shardable()  # a clear error before any process starts
+            self.input_processor = _input_processor(self.model_class, self.model_config, checkpoint, config)
+            spec = WorkerSpec(config, self.max_model_len, self.model_config)
+            self.executor: Executor = (MultiprocExecutor(spec) if config.tensor_parallel_size > 1
+                                       else InProcessExecutor(spec, loaded))
         self._fit_max_model_len()
         self.kv_cache = KVCacheManager(self.executor.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(

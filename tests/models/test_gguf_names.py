@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.checkpoint import _FLAT_NAME_MAP, _FlatReference
+from models.gguf_file import _FLAT_NAME_MAP, _FlatReference
 from models.testing import tiny_config
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
