@@ -23,9 +23,12 @@ def gguf_parsed_once() -> Iterator[None]:
     Also: transformers' bar over the GGUF tensors shows on a terminal only (``disable=None``), as ours does: in a
     log its ``\r`` codes are noise.
     """
-    import gguf
-    import transformers.modeling_gguf_pytorch_utils as hf_gguf
-
+    try:
+        import gguf
+        import transformers.modeling_gguf_pytorch_utils as hf_gguf
+    except ImportError:  # no GGUF reader installed: nothing reads a GGUF file in this block
+        yield
+        return
     if getattr(gguf.GGUFReader, "_parsed_once", False):
         yield
         return
