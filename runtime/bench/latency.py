@@ -8,6 +8,7 @@ rank 0's forward timed alone, then (``--count-kernels``) a few with the kernel p
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from typing import Any
@@ -57,6 +58,7 @@ def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
                          "dbo_steps": stats["dbo_steps"] - dbo_steps_before, "tp": args.tensor_parallel_size})
         llm.engine.shutdown()
         del llm, loaded
+        gc.collect()  # the model and its compiled code sit in reference cycles: free them before the next config
         current_platform.empty_cache()
         table.add(*rows)
     if args.hf_baseline:
