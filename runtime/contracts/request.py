@@ -1,9 +1,11 @@
 """One generation request as the scheduler and KV-cache manager see it.
 
-A request's tokens are ``prompt_token_ids + output_token_ids``. ``num_computed_tokens``
-counts the leading tokens whose KV is already in the cache, so the tokens still to run
-through the model are ``all_token_ids[num_computed_tokens:]``: the rest of the prompt
-during prefill, or the one token sampled last step during decode.
+A request's tokens are ``prompt_token_ids + output_token_ids``, then ``num_pending_outputs``
+tokens sampled by steps whose results are not back on the host yet (async scheduling keeps one
+step in flight; its token feeds the next step's input on the device). ``num_computed_tokens``
+counts the leading tokens whose KV is in the cache or being written by a step already scheduled,
+so the tokens still to run through the model are the rest of the prompt during prefill, or the
+one token sampled last step during decode.
 """
 from __future__ import annotations
 
@@ -41,8 +43,10 @@ class Request:
     eos_token_id: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
-    # Tokens whose KV is in the cache; reset to 0 on preemption (the KV is dropped).
+    # Tokens whose KV is in the cache or scheduled to be; reset to 0 on preemption (the KV is dropped).
     num_computed_tokens: int = 0
+    # Tokens sampled by scheduled steps whose results have not reached ``output_token_ids`` yet.
+    num_pending_outputs: int = 0
     # Physical KV blocks, in token order; owned by the KVCacheManager.
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -64,6 +68,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens the request will have once every scheduled step's sample is back."""
+        return self.num_tokens + self.num_pending_outputs
 
     @property
     def num_prompt_tokens(self) -> int:

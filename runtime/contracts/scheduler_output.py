@@ -12,14 +12,14 @@ class ScheduledRequest:
 
     request: Request
     num_new_tokens: int
-    # Snapshots taken at schedule time: update_from_output moves the request on, and
-    # the answers must not change under the runner's or the updater's feet.
+    # Snapshots taken at schedule time, before the scheduler moves the request on: the
+    # answers must not change under the runner's or the updater's feet.
     start_pos: int = field(init=False)
     _samples: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.start_pos = self.request.num_computed_tokens
-        self._samples = self.start_pos + self.num_new_tokens >= self.request.num_tokens
+        self._samples = self.start_pos + self.num_new_tokens >= self.request.num_scheduled_tokens
 
     @property
     def samples(self) -> bool:

@@ -117,11 +117,13 @@ class KVCacheManager:
         return blocks, len(blocks) * self.block_size
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Register hashes of the request's blocks that are now full of computed tokens."""
+        """Register hashes of the request's blocks that are now full of computed tokens (whose ids are
+        known: a token still in flight, sampled by a step not back yet, waits for the next call)."""
         if not self.enable_prefix_caching or request.multimodal is not None:
             return
         state = self._hash_states.setdefault(request.request_id, _HashState())
-        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        num_known = min(request.num_computed_tokens, request.num_tokens)
+        num_full = min(num_known // self.block_size, len(request.block_ids))
         if num_full <= state.num_hashed_blocks:
             return
         tokens = request.all_token_ids

@@ -99,6 +99,11 @@ class Scheduler:
         # would only get it preempted next step.
         if not preempted:
             self._schedule_waiting(budget, scheduled)
+        for item in scheduled:
+            # Moved on now, not when the results are back: with async scheduling the next step is
+            # scheduled while this one runs, and must neither repeat its tokens nor wait for them.
+            item.request.num_computed_tokens += item.num_new_tokens
+            item.request.num_pending_outputs += item.samples
         finished_ids, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
             scheduled=scheduled,
@@ -111,21 +116,31 @@ class Scheduler:
         # running request never has a prefill left that could need to wait here.
         # A prefill chunk leaves budget for the decodes behind it, so an older request's long
         # (re)prefill never starves the running decodes.
-        decodes_after = _decodes_after([r.num_tokens - r.num_computed_tokens for r in self._running])
+        remaining_of = [self._remaining(r) for r in self._running]
+        decodes_after = _decodes_after(remaining_of)
         i = 0
         while i < len(self._running) and budget > 0:
-            request = self._running[i]
-            remaining = request.num_tokens - request.num_computed_tokens
-            reserve = decodes_after[i] if i < len(decodes_after) and remaining > 1 else 0
+            request, remaining = self._running[i], remaining_of[i]
+            reserve = decodes_after[i] if remaining > 1 else 0
             i += 1
             num_new = self._chunk(remaining, budget - reserve)
             if num_new <= 0:
-                continue  # nothing to compute until its sampled token arrives
+                continue  # nothing to compute until its sampled token arrives, or it ends with that token
             if not self._allocate_or_preempt(request, num_new, preempted):
                 break  # it preempted itself, and it was the last one
             scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         return budget
+
+    def _remaining(self, request: Request) -> int:
+        """Tokens of a running request left to compute; 0 when the token still in flight is its last
+        (max_tokens or max_model_len reached): a step for it would be thrown away."""
+        scheduled = request.num_scheduled_tokens
+        if request.num_pending_outputs and (
+                request.num_output_tokens + request.num_pending_outputs >= request.sampling_params.max_tokens
+                or scheduled >= self.config.max_model_len):
+            return 0
+        return scheduled - request.num_computed_tokens
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
         """Allocate for a running request, preempting newest-first until it fits.
@@ -158,6 +173,8 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
         while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
             request = self._waiting[0]
+            if request.num_pending_outputs:
+                return  # preempted with a token in flight: its prompt for the recompute is not complete yet
             reason = self._rejection_reason(request)
             if reason is not None:
                 self._waiting.popleft()
@@ -216,25 +233,28 @@ class Scheduler:
     # ----------------------------------------------------------------- results
 
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance the scheduled requests by one step; returns those finished by it."""
+        """Take in a step's sampled tokens (its KV was counted at schedule time); returns the requests
+        finished by them."""
         finished: list[Request] = []
         for item in output.scheduled:
             request = item.request
-            if request.status is not RequestStatus.RUNNING:
-                continue  # aborted or stopped between schedule() and now
-            request.num_computed_tokens += item.num_new_tokens
-            self.kv_cache.cache_full_blocks(request)
-            if not item.samples:
-                continue
-            token = sampled.get(request.request_id)
-            if token is None:
-                logger.warning("request %s was due a sampled token but got none", request.request_id)
-                continue
-            request.output_token_ids.append(token)
-            status = self._stop_status(request, token)
+            if request.is_finished:
+                continue  # aborted or stopped after it was scheduled: what the step computed is dropped
+            token = None
+            if item.samples:
+                request.num_pending_outputs -= 1
+                token = sampled.get(request.request_id)
+                if token is None:
+                    logger.warning("request %s was due a sampled token but got none", request.request_id)
+                else:
+                    # Appended also when the request was preempted after this step was scheduled: the
+                    # token was sampled from its complete KV, and the recompute starts from it.
+                    request.output_token_ids.append(token)
+            if request.status is RequestStatus.RUNNING:
+                self.kv_cache.cache_full_blocks(request)
+            status = self._stop_status(request, token) if token is not None else None
             if status is not None:
-                self._running.remove(request)
-                self._finish(request, status)
+                self.finish_request(request.request_id, status)
                 finished.append(request)
         return finished
 
