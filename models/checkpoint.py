@@ -114,11 +114,3 @@ def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor, str]]:
                     yield name, f.get_tensor(name), path
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({str(e).splitlines()[0]})") from e
-
-
-def iter_weights(ckpt: Checkpoint, config: Any) -> Iterator[tuple[str, torch.Tensor, str]]:
-    if ckpt.gguf_file:
-        from models.gguf_file import iter_gguf
-
-        return iter_gguf(ckpt, config)
-    return iter_safetensors(ckpt.directory)

@@ -12,8 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compiler import CompilationConfig, use_config
-from models.checkpoint import Checkpoint, CheckpointError, iter_weights, load_config, load_tokenizer, resolve_checkpoint
-from models.gguf_file import gguf_parsed_once
+from models.checkpoint import (Checkpoint, CheckpointError, iter_safetensors, load_config, load_tokenizer,
+                               resolve_checkpoint)
+from models.gguf_file import gguf_parsed_once, iter_gguf
 from models.registry import resolve_model_class
 from models.weights import StackedWeights
 from runtime.distributed.parallel_state import ParallelContext, current_parallel, use_parallel
@@ -146,7 +147,8 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str | torch
         model = build_model(config, torch_dtype, device, init=False, compilation_config=compilation_config,
                             parallel=parallel, model_options=model_options)
         # disable=None: a bar on a terminal only (a log gets the line below, not \r codes).
-        weights = tqdm(iter_weights(ckpt, config), desc="Loading weights", unit="tensor", leave=False, disable=None)
+        weights = iter_gguf(ckpt, config) if ckpt.gguf_file else iter_safetensors(ckpt.directory)
+        weights = tqdm(weights, desc="Loading weights", unit="tensor", leave=False, disable=None)
         load_weights(model, weights)
     logger.info("loaded %s (%s) as %s on %s in %.1f s", ckpt.display, type(model).__name__,
                 str(torch_dtype).removeprefix("torch."), device, time.perf_counter() - start)

@@ -55,6 +55,11 @@ class EngineConfig:
     dbo_decode_token_threshold: int = 32
     dbo_prefill_token_threshold: int = 512
 
+    # Async scheduling: schedule and launch step N+1 while step N runs on the device; step N's sampled
+    # tokens feed N+1's inputs there and reach the host after N+1 is launched. None = the platform's
+    # default (on for devices with streams, off on CPU); runs synchronously under tensor parallelism.
+    async_scheduling: bool | None = None
+
     # Tensor parallelism: one worker process per rank (runtime/distributed); expert parallelism
     # puts whole MoE experts on each rank instead of slicing every expert.
     tensor_parallel_size: int = 1

@@ -21,6 +21,7 @@ from models.qwen2_vl_processing import Qwen2VLInputProcessor
 from models.registry import resolve_model_class
 from runtime.contracts.config import EngineConfig
 from runtime.contracts.request import Request, RequestStatus
+from runtime.contracts.runner_output import StepHandle
 from runtime.contracts.sampling_params import SamplingParams, sequence_seed
 from runtime.contracts.scheduler_output import SchedulerOutput
 from runtime.engine.detokenizer import IncrementalDetokenizer
@@ -29,6 +30,7 @@ from runtime.engine.kv_cache import KVCacheManager
 from runtime.engine.multiproc_executor import MultiprocExecutor
 from runtime.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from runtime.engine.scheduler import Scheduler, SchedulerConfig
+from runtime.platforms import current_platform
 from runtime.tracing import ProfilerStateError
 from runtime.worker.worker import WorkerSpec
 
@@ -117,6 +119,8 @@ class EngineCore:
             max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill), self.kv_cache)
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
+        self.async_scheduling = self._resolve_async_scheduling()
+        self._in_flight: _InFlight | None = None  # the step launched last, results not taken in yet
         self.num_steps = 0
         self.graph_replays = 0  # rank 0's, reported by its worker with each step
         self.eager_steps = 0
@@ -136,6 +140,24 @@ class EngineCore:
                              "(kv_cache_memory_gb, gpu_memory_utilization or num_kv_blocks)")
         logger.info("max_model_len lowered from %d to %d: what the KV cache holds", self.max_model_len, capacity)
         self.max_model_len = capacity
+
+    def _resolve_async_scheduling(self) -> bool:
+        wanted = self.config.async_scheduling
+        if self.config.tensor_parallel_size > 1:
+            if wanted:
+                logger.info("async scheduling: off under tensor parallelism (the workers answer each step "
+                            "before the next is sent)")
+            return False
+        return current_platform.async_scheduling_default if wanted is None else wanted
+
+    def set_async_scheduling(self, enabled: bool) -> None:
+        """Switch async scheduling for later steps (benchmarks compare both on one engine); the step in
+        flight, if any, is taken in first."""
+        if enabled and self.config.tensor_parallel_size > 1:
+            raise ValueError("async scheduling runs on one rank only (tensor_parallel_size=1)")
+        if self._in_flight is not None:
+            raise RuntimeError("a step is in flight: switch between runs, when has_unfinished_requests() is False")
+        self.async_scheduling = enabled
 
     def _check_shardable(self) -> None:
         if not getattr(self.model_class, "supports_tensor_parallel", False):
@@ -221,24 +243,40 @@ class EngineCore:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # ---- stepping --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduler step; returns the requests whose output changed."""
+        """One scheduler step; returns the requests whose output changed.
+
+        Synchronous: schedule, run, take the results in. Async scheduling: schedule and launch this step,
+        then take in the previous step's results while this one runs on the device (its inputs read the
+        previous step's tokens there); this step's results are taken in by the next call.
+        """
         sched = self.scheduler.schedule()
         touched: dict[str, _Parent] = {}
         self._collect_scheduler_aborts(sched.finished_ids, touched)
+        launched = None
+        if self._in_flight is not None and _needs_output_history(sched):
+            self._take_in(touched)  # penalties read every earlier token on the host
+            # What those tokens finished (a stop, EOS) gave its KV blocks back: it cannot run.
+            sched.scheduled = [item for item in sched.scheduled if not item.request.is_finished]
         if not sched.is_empty:
-            self._run(sched, touched)
+            launched = _InFlight(sched, self.executor.launch(sched))
+            self.num_steps += 1
+        if self._in_flight is not None:
+            self._take_in(touched)
+        self._in_flight = launched
+        if launched is not None and not self.async_scheduling:
+            self._take_in(touched)
         for parent in touched.values():
             self._retire_if_done(parent)  # also the requests the scheduler gave up on, when nothing ran
         return [p.to_output() for p in touched.values()]
 
-    def _run(self, sched: SchedulerOutput, touched: dict[str, _Parent]) -> None:
-        """Execute a scheduled step and hand each sampled token to its sequence."""
-        result = self.executor.execute(sched)
-        self.num_steps += 1
+    def _take_in(self, touched: dict[str, _Parent]) -> None:
+        """Wait for the step in flight and hand each sampled token to its sequence."""
+        sched, result = self._in_flight.sched, self._in_flight.handle.result()
+        self._in_flight = None
         self.graph_replays += result.graph_replays
         self.eager_steps += result.eager_steps
         finished = {r.request_id for r in self.scheduler.update_from_output(sched, result.sampled)}
@@ -246,8 +284,10 @@ class EngineCore:
         for item in sched.scheduled:
             sub_id = item.request.request_id
             if sub_id not in result.sampled or sub_id not in self._sequences:
-                continue
+                continue  # nothing sampled, or finished (aborted, stopped) after the step was launched
             parent, seq = self._sequences[sub_id]
+            if seq.output.finished:
+                continue
             touched[parent.request_id] = parent
             parent.metrics.first_token_time = parent.metrics.first_token_time or now
             self._append_token(parent, seq, result.sampled[sub_id], result.logprobs.get(sub_id), sub_id in finished)
@@ -289,6 +329,19 @@ class EngineCore:
             for seq in parent.sequences:
                 self._sequences.pop(seq.request.request_id, None)
             self._parents.pop(parent.request_id, None)
+
+
+@dataclass
+class _InFlight:
+    sched: SchedulerOutput
+    handle: StepHandle
+
+
+def _needs_output_history(sched: SchedulerOutput) -> bool:
+    """A step whose sampling reads a request's earlier output tokens on the host (penalties) must see the
+    token of the step still in flight."""
+    return any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+               for p in (item.request.sampling_params for item in sched.scheduled if item.samples))
 
 
 def _check_encoder_attention(config: EngineConfig, model_class: type, loaded: LoadedModel | None) -> None:

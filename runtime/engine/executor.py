@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from models.loader import LoadedModel
-from runtime.contracts.runner_output import StepResult
+from runtime.contracts.runner_output import FinishedStep, StepHandle, StepResult
 from runtime.contracts.scheduler_output import SchedulerOutput
 from runtime.worker.worker import Worker, WorkerSpec
 
@@ -30,6 +30,11 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def execute(self, output: SchedulerOutput) -> StepResult:
         """One step on every rank; rank 0's result."""
+
+    def launch(self, output: SchedulerOutput) -> StepHandle:
+        """Start one step; its handle's ``result()`` waits for it. Executors that cannot overlap the
+        host with the device run it here, whole."""
+        return FinishedStep(self.execute(output))
 
     @abc.abstractmethod
     def call_workers(self, method: str, *args: Any) -> list[Any]:
@@ -49,6 +54,9 @@ class InProcessExecutor(Executor):
 
     def execute(self, output: SchedulerOutput) -> StepResult:
         return self.worker.execute(output)
+
+    def launch(self, output: SchedulerOutput) -> StepHandle:
+        return self.worker.launch(output)
 
     def call_workers(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.worker, method)(*args)]

@@ -115,6 +115,17 @@ class Platform:
     def new_event(self) -> Any:
         return None
 
+    @property
+    def async_scheduling_default(self) -> bool:
+        """Whether engines schedule the next step while the device runs this one, unless told otherwise:
+        worth it where launches are asynchronous (a device with streams); on a CPU the forward runs on
+        the launching thread, so there is nothing to overlap."""
+        return False
+
+    def host_buffer(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Host memory a device->host copy can land in without blocking the host (pinned, where it exists)."""
+        return torch.empty(shape, dtype=dtype)
+
     def configure_process(self) -> None:
         """One-time, per-process settings (threads and the like) before a model runs."""
         return None

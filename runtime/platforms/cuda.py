@@ -82,6 +82,13 @@ class CudaPlatform(Platform):
     def new_event(self) -> torch.cuda.Event:
         return torch.cuda.Event()
 
+    @property
+    def async_scheduling_default(self) -> bool:
+        return True
+
+    def host_buffer(self, shape: Any, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
     def device_name(self) -> str:
         return torch.cuda.get_device_name()
 

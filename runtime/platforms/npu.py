@@ -148,6 +148,13 @@ class NpuPlatform(Platform):
     def new_event(self) -> Any:
         return torch.npu.Event()
 
+    @property
+    def async_scheduling_default(self) -> bool:
+        return True
+
+    def host_buffer(self, shape: Any, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
     def device_name(self) -> str:
         return torch.npu.get_device_name()
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -13,7 +13,6 @@ from compiler.config import CompilationConfig
 from compiler.dispatcher import Dispatch
 from runtime.attention.kv_tensors import allocate_kv_caches, kv_bytes_per_block
 from runtime.attention.metadata import AttentionMetadata
-from runtime.contracts.runner_output import StepResult
 from runtime.contracts.config import DBOThresholds
 from runtime.contracts.scheduler_output import ScheduledRequest, SchedulerOutput
 from runtime.forward_context import BatchDescriptor, set_forward_context
@@ -21,6 +20,7 @@ from runtime.platforms import current_platform
 from runtime.ubatching import NUM_UBATCHES, UBatchThreads, YieldPoint, run_in_turn
 from runtime.worker.graph_driver import GraphDriver
 from runtime.worker.sampler import Sampler, SamplingBatch
+from runtime.worker.step_output import PendingStep
 from runtime.worker.ubatch_split import UBatchSlice, cuts_a_request, plan_ubatches, slice_lens
 
 logger = logging.getLogger(__name__)
@@ -37,13 +37,17 @@ class HostStep:
     tables: torch.Tensor  # [rows, max_blocks_per_seq] int32
     query_lens: list[int]
     seq_lens: list[int]
+    # (flat token index, row of the previous step's sampled tokens): input tokens sampled by the step
+    # still in flight (async scheduling), filled in on the device; ``ids`` holds 0 there.
+    in_flight: list[tuple[int, int]] = field(default_factory=list)
 
     def part(self, ub: UBatchSlice) -> "HostStep":
         """The share of one DBO micro-batch (a cut request's KV ends where its part ends)."""
         t = slice(ub.tokens.start, ub.tokens.stop)
         query_lens, seq_lens = slice_lens(self.query_lens, self.seq_lens, ub)
+        in_flight = [(i - ub.tokens.start, row) for i, row in self.in_flight if i in ub.tokens]
         return HostStep(self.ids[t], self.positions[t], self.slots[t], self.tables[ub.rows.start:ub.rows.stop],
-                        query_lens, seq_lens)
+                        query_lens, seq_lens, in_flight)
 
 
 class InputBuffers:
@@ -88,6 +92,10 @@ class ModelRunner:
                                if dbo is not None and collectives else None)
         self.dbo_steps = 0  # steps run as two micro-batches
         self.last_dbo_trace: list[YieldPoint] = []  # yield points of the last split step, in order
+        # The last step's sampled tokens, on the device, and each sampling request's row in them: the
+        # next step's input where async scheduling launched it before they reached the host.
+        self.last_sampled: torch.Tensor | None = None
+        self.last_sampled_rows: dict[str, int] = {}
 
     def set_dbo(self, enabled: bool) -> None:
         """Split steps (DBO) or not, on the slots built at start-up: benchmarks compare both on one
@@ -178,20 +186,31 @@ class ModelRunner:
         query_lens, seq_lens = [], []
         bs = self.block_size
         table_rows: list[list[int]] = []
+        in_flight: list[tuple[int, int]] = []
         for item in scheduled:
             req, start, end = item.request, item.start_pos, item.start_pos + item.num_new_tokens
-            prompt_len = len(req.prompt_token_ids)
+            prompt_len, known_end = len(req.prompt_token_ids), min(end, req.num_tokens)
             if start >= prompt_len:
-                ids.extend(req.output_token_ids[start - prompt_len:end - prompt_len])
+                ids.extend(req.output_token_ids[start - prompt_len:known_end - prompt_len])
             else:
-                ids.extend(req.all_token_ids[start:end])
+                ids.extend(req.all_token_ids[start:known_end])
+            if known_end < end:  # its last input token is the one the step in flight samples
+                in_flight.append((len(ids), self._last_sampled_row(req.request_id, end - known_end)))
+                ids.append(0)
             positions.extend(range(start, end))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             table_rows.append(blocks)
             query_lens.append(end - start)
             seq_lens.append(end)
-        return HostStep(ids, positions, slots, self._block_tables(table_rows), query_lens, seq_lens)
+        return HostStep(ids, positions, slots, self._block_tables(table_rows), query_lens, seq_lens, in_flight)
+
+    def _last_sampled_row(self, request_id: str, missing: int) -> int:
+        row = self.last_sampled_rows.get(request_id)
+        if missing != 1 or row is None:
+            raise RuntimeError(f"request {request_id!r}: {missing} input token(s) not on the host, and the last "
+                               "step did not sample it (one step in flight at most)")
+        return row
 
     def _block_tables(self, rows: list[list[int]]) -> torch.Tensor:
         """[len(rows), max_blocks_per_seq] int32, zero-padded: one tensor built from all rows at
@@ -210,6 +229,9 @@ class ModelRunner:
         n, s = len(ids), len(query_lens)
         dispatch = self.graphs.plan(n, max(query_lens) == 1, ubatch)
         buf.input_ids[:n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
+        if host.in_flight:
+            index, rows = torch.tensor(host.in_flight, dtype=torch.int64).to(self.device, non_blocking=True).unbind(1)
+            buf.input_ids.index_copy_(0, index, self.last_sampled.index_select(0, rows))
         buf.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
         buf.slot_mapping[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
         buf.block_tables[:s].copy_(tables, non_blocking=True)
@@ -275,50 +297,40 @@ class ModelRunner:
         return self._forward_dbo(host, split) if split else self._forward_whole(host)
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, generators: dict[str, torch.Generator]) -> StepResult:
+    def execute(self, output: SchedulerOutput, generators: dict[str, torch.Generator]) -> PendingStep:
+        """Launch a step; its sampled tokens stay on the device (the next step may read them there) while
+        their copy to the host is queued behind it."""
         host = self._host_step(output.scheduled)
         if self.multimodal is not None:  # vision models: M-RoPE positions, encoder runs, image rows (in place)
             self.multimodal.prepare(output.scheduled, len(host.ids))
         hidden, last_token = self.forward_step(host)
-        sampling_rows = [(row, item.request) for row, item in enumerate(output.scheduled) if item.samples]
-        if not sampling_rows:
-            return StepResult({}, {})
-        rows = torch.tensor([row for row, _ in sampling_rows], device=self.device)
-        logits = self.model.compute_logits(hidden[last_token[rows]]).float()
-        requests = [req for _, req in sampling_rows]
-        _suppress_stop_tokens_before_min(logits, requests)
+        sampling = [item for item in output.scheduled if item.samples]
+        if not sampling:
+            return PendingStep.empty()
+        rows = torch.tensor([row for row, item in enumerate(output.scheduled) if item.samples])
+        logits = self.model.compute_logits(hidden[last_token[rows.to(self.device, non_blocking=True)]]).float()
+        requests = [item.request for item in sampling]
+        _suppress_stop_tokens_before_min(logits, sampling)
         batch = SamplingBatch.build(
             [r.sampling_params for r in requests], [r.prompt_token_ids for r in requests],
             [r.output_token_ids for r in requests], logits.shape[-1], self.device,
             [generators.get(r.request_id) for r in requests])
         result = self.sampler(logits, batch)
-        tokens = result.sampled_token_ids.tolist()
-        sampled = {r.request_id: t for r, t in zip(requests, tokens)}
-        return StepResult(sampled, _logprobs_by_request(requests, result))
+        self.last_sampled = result.sampled_token_ids
+        self.last_sampled_rows = {r.request_id: i for i, r in enumerate(requests)}
+        return PendingStep.start(requests, result)
 
 
-def _suppress_stop_tokens_before_min(logits: torch.Tensor, requests: list) -> None:
+def _suppress_stop_tokens_before_min(logits: torch.Tensor, sampling: list[ScheduledRequest]) -> None:
     """A request below its min_tokens must not sample EOS or a stop token id."""
-    for row, req in enumerate(requests):
-        params = req.sampling_params
-        if params.min_tokens and len(req.output_token_ids) < params.min_tokens:
+    for row, item in enumerate(sampling):
+        req, params = item.request, item.request.sampling_params
+        # Output tokens before this step's: its last input position is the last of them (also while the
+        # one before is still in flight, and during a recompute after preemption).
+        num_outputs = item.start_pos + item.num_new_tokens - len(req.prompt_token_ids)
+        if params.min_tokens and num_outputs < params.min_tokens:
             banned = list(params.stop_token_ids or [])
             if req.eos_token_id is not None and not params.ignore_eos:
                 banned.append(req.eos_token_id)
             if banned:
                 logits[row, banned] = float("-inf")
-
-
-def _logprobs_by_request(requests: list, result) -> dict[str, tuple[float, list[tuple[int, float]] | None]]:
-    wanted = [(i, r) for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
-    if not wanted:
-        return {}
-    sampled_lp = result.logprobs.tolist()
-    top_ids = result.top_token_ids.tolist() if result.top_token_ids is not None else None
-    top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-    out = {}
-    for i, r in wanted:
-        k = r.sampling_params.logprobs
-        top = list(zip(top_ids[i][:k], top_lps[i][:k])) if (k and top_ids is not None) else None
-        out[r.request_id] = (sampled_lp[i], top)
-    return out

@@ -31,6 +31,7 @@ from runtime.worker.kv_sizing import plan_kv_blocks
 from runtime.worker.model_runner import ModelRunner
 from runtime.worker.multimodal import attach_multimodal
 from runtime.worker.sampler import make_generator
+from runtime.worker.step_output import PendingStep
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class Worker:
         self.runner.capture_graphs()  # full graphs bake in the KV cache addresses: allocate first
 
     # ---- stepping ----------------------------------------------------------------------------
-    def execute(self, output: SchedulerOutput) -> StepResult:
+    def launch(self, output: SchedulerOutput) -> PendingStep:
+        """Start a step on the device; its results are on their way to the host (``result()`` waits)."""
         for request_id in output.finished_ids:
             self.generators.pop(request_id, None)
         for item in output.scheduled:
@@ -92,10 +94,14 @@ class Worker:
             if req.seed is not None and req.request_id not in self.generators:
                 self.generators[req.request_id] = make_generator(req.seed, self.runner.device)
         replays, fallbacks = counters.graph_replays, counters.eager_fallbacks
-        result = self.runner.execute(output, self.generators)
-        result.graph_replays = counters.graph_replays - replays
-        result.eager_steps = counters.eager_fallbacks - fallbacks
-        return result
+        pending = self.runner.execute(output, self.generators)
+        pending.graph_replays = counters.graph_replays - replays
+        pending.eager_steps = counters.eager_fallbacks - fallbacks
+        return pending
+
+    def execute(self, output: SchedulerOutput) -> StepResult:
+        """One step, waited for."""
+        return self.launch(output).result()
 
     def set_dbo(self, enabled: bool) -> None:
         self.runner.set_dbo(enabled)
