@@ -71,6 +71,17 @@ def llama_1b_config() -> Any:
     return config
 
 
+def qwen3_0_6b_config() -> Any:
+    """The Qwen3-0.6B shape (nano-vllm's benchmark model): 28 layers, hidden 1024, 16/8 heads of 128, ffn 3072."""
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1000000.0)
+    config.architectures = ["Qwen3ForCausalLM"]
+    return config
+
+
 def build_random_model(config: Any, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
                        compilation_config: Any = None) -> nn.Module:
     """Our model for ``config`` with small random weights (for benchmarks: no checkpoint needed)."""

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("latency", "throughput"):
         s = sub.add_parser(name, parents=[common], help=HELP[name])
         s.add_argument("--model", default=None,
-                       help=f"checkpoint dir/.gguf, or '{RANDOM_1B}' for a Llama-3.2-1B-shaped random model "
-                            "(default: the embedded SmolLM2)")
+                       help=f"checkpoint dir/.gguf, or '{RANDOM_1B}' / 'random-qwen3-0.6b' for a random model of "
+                            "the Llama-3.2-1B / Qwen3-0.6B shape (default: the embedded SmolLM2)")
         s.add_argument("--dtype", default="auto",
                        help="auto (the checkpoint's; float32 on CPU), float32, bfloat16 or float16 (default: auto)")
         s.add_argument("--max-num-batched-tokens", type=int, default=4096,
@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ranks (one worker process each) to shard the model over")
         s.add_argument("--enable-expert-parallel", action="store_true",
                        help="MoE models under tensor parallelism: whole experts per rank")
+        s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                       help="schedule and launch each step while the previous one runs on the device "
+                            "(default: the platform's: on with CUDA/NPU, off on CPU)")
+        s.add_argument("--compare-scheduling", action="store_true",
+                       help="measure synchronous and async scheduling side by side on each engine")
         s.add_argument("--dbo", action="store_true",
                        help="measure every config with dual-batch overlap off and on, side by side on one "
                             "engine (started with DBO; switched per measurement)")
@@ -92,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--count-kernels", action="store_true",
                            help="count device kernels per decode step with the torch profiler")
         else:
+            s.add_argument("--workload", default="fixed", choices=["fixed", "nano"],
+                           help="fixed: --num-requests prompts of --input-len tokens, --output-len outputs each; "
+                                "nano: nano-vllm's benchmark (256 requests, input and output lengths uniform in "
+                                "100..1024 from random.seed(0), temperature 0.6; max_model_len 4096) "
+                                "(default: %(default)s)")
             s.add_argument("--num-requests", type=int, default=64, help="requests generated (default: 64)")
             s.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default: 128)")
             s.add_argument("--output-len", type=int, default=64,

@@ -13,21 +13,23 @@ import torch
 from compiler import CompilationConfig
 from models.default import default_model_path
 from models.loader import LoadedModel, load_model, resolve_dtype
-from models.testing import build_random_model, llama_1b_config, save_random_checkpoint
+from models.testing import build_random_model, llama_1b_config, qwen3_0_6b_config, save_random_checkpoint
 from runtime.engine.llm import LLM
 from runtime.platforms import current_platform
 
 logger = logging.getLogger(__name__)
 
 RANDOM_1B = "random-1b"
+# Random-weight models of a real shape, built in memory (no checkpoint needed): name -> config.
+RANDOM_MODELS = {RANDOM_1B: llama_1b_config, "random-qwen3-0.6b": qwen3_0_6b_config}
 
 
 def load_model_for(args: argparse.Namespace, compilation: CompilationConfig | None = None) -> LoadedModel | None:
     """The model in this process; None under tensor parallelism (each rank's worker loads its shard)."""
     if args.tensor_parallel_size > 1:
         return None
-    if args.model == RANDOM_1B:
-        config = llama_1b_config()
+    if args.model in RANDOM_MODELS:
+        config = RANDOM_MODELS[args.model]()
         dtype = resolve_dtype(args.dtype, config)
         device = current_platform.device()
         model = build_random_model(config, dtype, device, compilation_config=compilation)
@@ -51,13 +53,13 @@ def named_configs(args: argparse.Namespace) -> list[tuple[str, CompilationConfig
 
 
 def checkpoint_path(args: argparse.Namespace) -> str:
-    """A path workers can load; random-1b is written once as a checkpoint (random weights, so
+    """A path workers can load; a random model is written once as a checkpoint (random weights, so
     every rank shards the same tensors)."""
-    if args.model != RANDOM_1B:
+    if args.model not in RANDOM_MODELS:
         return args.model or default_model_path()
-    config = llama_1b_config()
+    config = RANDOM_MODELS[args.model]()
     dtype = resolve_dtype(args.dtype, config)
-    directory = os.path.join(tempfile.gettempdir(), f"graphmode-random-1b-{str(dtype).removeprefix('torch.')}")
+    directory = os.path.join(tempfile.gettempdir(), f"graphmode-{args.model}-{str(dtype).removeprefix('torch.')}")
     if not os.path.isfile(os.path.join(directory, "config.json")):
         save_random_checkpoint(config, directory, dtype=dtype)
     return directory
@@ -104,8 +106,19 @@ def variants(args: argparse.Namespace) -> list[tuple[str, CompilationConfig, dic
     return [(name, compilation, dbo, [False, True]) for name, compilation in named_configs(args)]
 
 
-def row_name(name: str, dbo: bool | None) -> str:
-    return name if dbo is None else f"{name},dbo={'on' if dbo else 'off'}"
+def row_name(name: str, dbo: bool | None, async_scheduling: bool | None = None) -> str:
+    name = name if dbo is None else f"{name},dbo={'on' if dbo else 'off'}"
+    return name if async_scheduling is None else f"{name},{'async' if async_scheduling else 'sync'}"
+
+
+def scheduling_states(args: argparse.Namespace) -> list[bool | None]:
+    """With --compare-scheduling: synchronous, then async, on the same engine; else as the engine started."""
+    return [False, True] if args.compare_scheduling else [None]
+
+
+def set_scheduling(llm: LLM, async_scheduling: bool | None) -> None:
+    if async_scheduling is not None:
+        llm.engine.set_async_scheduling(async_scheduling)
 
 
 def set_dbo(llm: LLM, dbo: bool | None) -> int:
@@ -117,7 +130,7 @@ def set_dbo(llm: LLM, dbo: bool | None) -> int:
 
 def make_engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: int,
             engine_args: dict[str, Any] | None = None, compilation: CompilationConfig | None = None) -> LLM:
-    common = dict(max_num_seqs=max_num_seqs, max_model_len=max_len,
+    common = dict(max_num_seqs=max_num_seqs, max_model_len=max_len, async_scheduling=args.async_scheduling,
                   max_num_batched_tokens=max(args.max_num_batched_tokens, max_len),
                   enable_prefix_caching=False, mm_encoder_attn_backend=args.mm_encoder_attn_backend,
                   **kv_args(args), **(engine_args or {}))

@@ -21,7 +21,7 @@ from models.default import default_model_path
 from models.loader import resolve_dtype
 from models.testing import llama_1b_config
 from runtime.bench.engines import (RANDOM_1B, load_model_for, make_engine, random_prompt, row_name, runner_stats,
-                                   set_dbo, traced, variants)
+                                   scheduling_states, set_dbo, set_scheduling, traced, variants)
 from runtime.bench.results import ResultTable
 from runtime.contracts.sampling_params import SamplingParams
 from runtime.engine.core import EngineCore
@@ -41,14 +41,17 @@ def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
                           engine_args, compilation)
         cold_start = time.perf_counter() - start
         rows = []
-        for batch, dbo in [(b, d) for b in args.batch_sizes for d in dbo_states]:
+        for batch, dbo, scheduling in [(b, d, a) for b in args.batch_sizes for d in dbo_states
+                                       for a in scheduling_states(args)]:
             dbo_steps_before = set_dbo(llm, dbo)
-            times, forward, profile = _decode_step_times(llm.engine, llm.engine.vocab_size, batch, args,
-                                                         f"{row_name(name, dbo)}-b{batch}")
+            set_scheduling(llm, scheduling)
+            label = row_name(name, dbo, scheduling)
+            times, host, forward, profile = _decode_step_times(llm.engine, llm.engine.vocab_size, batch, args,
+                                                               f"{label}-b{batch}")
             stats = runner_stats(llm)
-            rows.append({"config": row_name(name, dbo), "batch": batch, "context": args.context,
+            rows.append({"config": label, "batch": batch, "context": args.context,
                          "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
-                         "min_ms": 1e3 * min(times),
+                         "min_ms": 1e3 * min(times), "host_ms": 1e3 * statistics.median(host),
                          "forward_ms": 1e3 * statistics.median(forward) if forward else None,
                          "cold_start_s": cold_start,
                          "graph_pool_mib": stats["pool_bytes"] / 2**20,
@@ -72,9 +75,10 @@ def _profile_columns(profile: StepProfile | None) -> dict[str, Any]:
 
 
 def _decode_step_times(core: EngineCore, vocab: int, batch: int, args: argparse.Namespace,
-                       label: str) -> tuple[list[float], list[float], StepProfile | None]:
-    """Whole-step times, rank 0's forward times, (--count-kernels) the kernels per step, and (--profile)
-    a trace of a few more steps."""
+                       label: str) -> tuple[list[float], list[float], list[float], StepProfile | None]:
+    """Whole-step times, host times (a step's time less what it waited for the device's results: the
+    launching thread's own work), rank 0's forward times, (--count-kernels) the kernels per step, and
+    (--profile) a trace of a few more steps."""
     # Enough tokens for every decode step this function runs: warm-up, timed, forward-timed and the
     # kernel-counting steps (a request that finished earlier made the kernel count read 0).
     params = SamplingParams(temperature=0.0, max_tokens=args.warmup + 2 * args.steps + 2 * PROFILED_STEPS + 1,
@@ -87,17 +91,20 @@ def _decode_step_times(core: EngineCore, vocab: int, batch: int, args: argparse.
         decoding.update(out.request_id for out in core.step())
     for _ in range(args.warmup):
         core.step()
-    times = []
+    times, host = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), core.device_wait_s
         core.step()
         times.append(time.perf_counter() - start)
+        host.append(times[-1] - (core.device_wait_s - waited))
     forward = _forward_times(core, args.steps)
     profile = _profile_steps(core, PROFILED_STEPS) if args.count_kernels else None
     traced(core, args, label, lambda: [core.step() for _ in range(PROFILED_STEPS)])
     for rid in ids:
         core.abort_request(rid)
-    return times, forward, profile
+    while core.has_unfinished_requests():  # the step still in flight, under async scheduling
+        core.step()
+    return times, host, forward, profile
 
 
 def _profile_steps(core: EngineCore, steps: int) -> StepProfile | None:

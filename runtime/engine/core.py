@@ -122,6 +122,7 @@ class EngineCore:
         self.async_scheduling = self._resolve_async_scheduling()
         self._in_flight: _InFlight | None = None  # the step launched last, results not taken in yet
         self.num_steps = 0
+        self.device_wait_s = 0.0  # time step() spent blocked on the device's results (the rest is host work)
         self.graph_replays = 0  # rank 0's, reported by its worker with each step
         self.eager_steps = 0
         self.profiling = False  # between start_profile and stop_profile
@@ -275,7 +276,9 @@ class EngineCore:
 
     def _take_in(self, touched: dict[str, _Parent]) -> None:
         """Wait for the step in flight and hand each sampled token to its sequence."""
+        waited = time.perf_counter()
         sched, result = self._in_flight.sched, self._in_flight.handle.result()
+        self.device_wait_s += time.perf_counter() - waited
         self._in_flight = None
         self.graph_replays += result.graph_replays
         self.eager_steps += result.eager_steps

@@ -41,6 +41,9 @@ class Scheduler:
         # Kept sorted by arrival time, so the last entry is always the newest request:
         # the preemption victim, and the one whose lost work is cheapest to redo.
         self._running: list[Request] = []
+        # Running requests whose last token is in flight (async scheduling): nothing left to schedule, so
+        # their KV blocks went back at once; they finish when that token arrives.
+        self._ending: set[str] = set()
         self._finished_ids: list[str] = []
 
     # ----------------------------------------------------------------- requests
@@ -66,7 +69,9 @@ class Scheduler:
         request = self._requests.get(request_id)
         if request is None:
             return False
-        if request.status is RequestStatus.RUNNING:
+        if request.request_id in self._ending:
+            self._ending.discard(request.request_id)
+        elif request.status is RequestStatus.RUNNING:
             self._running.remove(request)
         else:
             self._waiting.remove(request)
@@ -78,7 +83,7 @@ class Scheduler:
         return self._requests.get(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._ending)
 
     @property
     def num_waiting(self) -> int:
@@ -94,6 +99,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
+        self._release_ending()
         budget = self._schedule_running(budget, scheduled, preempted)
         # After a preemption the cache is known to be short; admitting new work now
         # would only get it preempted next step.
@@ -110,6 +116,16 @@ class Scheduler:
             preempted_ids=[r.request_id for r in preempted],
             finished_ids=finished_ids,
         )
+
+    def _release_ending(self) -> None:
+        """Give back the blocks of requests whose in-flight token is their last, before anything is
+        allocated: the step writing their KV runs before any step that could reuse the blocks, and
+        the step after it would have freed them in synchronous scheduling too."""
+        ending = [r for r in self._running if r.num_pending_outputs and self._remaining(r) == 0]
+        for request in ending:
+            self._running.remove(request)
+            self.kv_cache.free(request)
+            self._ending.add(request.request_id)
 
     def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[Request]) -> int:
         # With chunked prefill off a request is only admitted with its whole prompt, so a
@@ -250,7 +266,7 @@ class Scheduler:
                     # Appended also when the request was preempted after this step was scheduled: the
                     # token was sampled from its complete KV, and the recompute starts from it.
                     request.output_token_ids.append(token)
-            if request.status is RequestStatus.RUNNING:
+            if request.status is RequestStatus.RUNNING and request.request_id not in self._ending:
                 self.kv_cache.cache_full_blocks(request)
             status = self._stop_status(request, token) if token is not None else None
             if status is not None:

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the model over this many ranks, one worker process each (default: %(default)s)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="MoE models under tensor parallelism: whole experts per rank instead of slices of every expert")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch each engine step while the previous one runs on the device, its "
+                        "sampled tokens feeding the next step there (default: on with CUDA/NPU, off on CPU; "
+                        "off under tensor parallelism)")
     p.add_argument("--dbo", action="store_true",
                    help="dual-batch overlap: split large steps into two micro-batches whose communication "
                         "overlaps the other's compute (pays off with tensor/expert parallelism)")
@@ -131,6 +135,7 @@ def _build_engine(args: argparse.Namespace):
                           max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
                           compilation_config=args.compilation_config, enable_dbo=args.dbo,
+                          async_scheduling=args.async_scheduling,
                           dbo_decode_token_threshold=args.dbo_decode_token_threshold,
                           dbo_prefill_token_threshold=args.dbo_prefill_token_threshold,
                           max_image_patches=args.max_image_patches,
