@@ -96,6 +96,7 @@ class ModelRunner:
         # next step's input where async scheduling launched it before they reached the host.
         self.last_sampled: torch.Tensor | None = None
         self.last_sampled_rows: dict[str, int] = {}
+        self.last_sampling_batch: tuple[list, SamplingBatch] | None = None  # (requests, their batch)
 
     def set_dbo(self, enabled: bool) -> None:
         """Split steps (DBO) or not, on the slots built at start-up: benchmarks compare both on one
@@ -205,6 +206,21 @@ class ModelRunner:
             seq_lens.append(end)
         return HostStep(ids, positions, slots, self._block_tables(table_rows), query_lens, seq_lens, in_flight)
 
+    def _sampling_batch(self, requests: list, vocab_size: int, generators: dict[str, torch.Generator]) -> SamplingBatch:
+        """The step's sampling parameters on the device. A decode step usually samples for the same requests
+        as the last one: their batch is reused then (a dozen host->device copies saved), unless penalties
+        make it carry the token history, which grows every step."""
+        last = self.last_sampling_batch
+        if (last is not None and not last[1].any_penalties and len(last[0]) == len(requests)
+                and all(a is b for a, b in zip(last[0], requests))):
+            return last[1]
+        batch = SamplingBatch.build(
+            [r.sampling_params for r in requests], [r.prompt_token_ids for r in requests],
+            [r.output_token_ids for r in requests], vocab_size, self.device,
+            [generators.get(r.request_id) for r in requests])
+        self.last_sampling_batch = (requests, batch)
+        return batch
+
     def _last_sampled_row(self, request_id: str, missing: int) -> int:
         row = self.last_sampled_rows.get(request_id)
         if missing != 1 or row is None:
@@ -311,11 +327,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[last_token[rows.to(self.device, non_blocking=True)]]).float()
         requests = [item.request for item in sampling]
         _suppress_stop_tokens_before_min(logits, sampling)
-        batch = SamplingBatch.build(
-            [r.sampling_params for r in requests], [r.prompt_token_ids for r in requests],
-            [r.output_token_ids for r in requests], logits.shape[-1], self.device,
-            [generators.get(r.request_id) for r in requests])
-        result = self.sampler(logits, batch)
+        result = self.sampler(logits, self._sampling_batch(requests, logits.shape[-1], generators))
         self.last_sampled = result.sampled_token_ids
         self.last_sampled_rows = {r.request_id: i for i, r in enumerate(requests)}
         return PendingStep.start(requests, result)

@@ -132,7 +132,7 @@ def _collect_generators(
 @dataclass
 class SamplerOutput:
     sampled_token_ids: Tensor  # [B] int64
-    logprobs: Tensor  # [B] float32: sampled token's logprob under the raw logits
+    logprobs: Tensor | None = None  # [B] float32: sampled token's logprob under the raw logits (when asked)
     top_logprobs: Tensor | None = None  # [B, K] float32, descending
     top_token_ids: Tensor | None = None  # [B, K] int64
 
@@ -250,6 +250,8 @@ class Sampler(torch.nn.Module):
             sampled = exponential_race(probs, batch.generators)
             if greedy_ids is not None:
                 sampled = torch.where(batch.is_greedy, greedy_ids, sampled)
+        if batch.max_num_logprobs is None:  # nobody asked: skip a pass over every row's logits
+            return SamplerOutput(sampled_token_ids=sampled)
         token_logprob, top_values, top_ids = _logprobs(raw, sampled, batch.max_num_logprobs)
         return SamplerOutput(
             sampled_token_ids=sampled,

@@ -205,12 +205,17 @@ def test_seed_without_generator_is_rejected():
 def test_logprobs_of_sampled_token_are_raw_log_softmax():
     torch.manual_seed(9)
     logits = torch.randn(5, 64)
-    params = [SamplingParams(temperature=0.7, top_k=10, presence_penalty=1.0)] * 5
+    params = [SamplingParams(temperature=0.7, top_k=10, presence_penalty=1.0, logprobs=0)] * 5
     out = Sampler()(logits, make_batch(params, 64, outputs=[[1, 2]] * 5))
     expected = logits.log_softmax(dim=-1).gather(1, out.sampled_token_ids.unsqueeze(1)).squeeze(1)
     assert out.logprobs.dtype == torch.float32
     assert torch.allclose(out.logprobs, expected, atol=1e-5)
     assert out.top_logprobs is None and out.top_token_ids is None
+
+
+def test_no_logprobs_are_computed_when_none_are_asked_for():
+    out = Sampler()(torch.randn(2, 64), make_batch([SamplingParams(temperature=0.0)] * 2, 64))
+    assert out.logprobs is None and out.top_logprobs is None
 
 
 def test_top_logprobs():
