@@ -159,6 +159,9 @@ class KVCacheManager:
         successful one counts in the hit-rate stats: the scheduler may look a request up
         several times before there is room for it.
         """
+        if computed_blocks is None and (request.num_computed_tokens + num_new_tokens
+                                        <= len(request.block_ids) * self.block_size):
+            return True  # the common decode step: its last block has room
         is_admission = computed_blocks is not None
         computed_blocks = computed_blocks if computed_blocks is not None else []
         if computed_blocks and request.block_ids:

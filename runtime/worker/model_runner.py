@@ -244,16 +244,22 @@ class ModelRunner:
         query_lens, seq_lens, bs = host.query_lens, host.seq_lens, self.block_size
         n, s = len(ids), len(query_lens)
         dispatch = self.graphs.plan(n, max(query_lens) == 1, ubatch)
-        buf.input_ids[:n].copy_(torch.tensor(ids, dtype=torch.int64), non_blocking=True)
+        starts = [0] * (s + 1)
+        for i, q in enumerate(query_lens):
+            starts[i + 1] = starts[i] + q
+        # One host->device copy for the flat inputs (each copy from host memory costs the launching thread
+        # more than a device-side copy does), spread into the persistent buffers on the device.
+        flat = torch.tensor(ids + positions + slots + seq_lens + starts, dtype=torch.int64).to(self.device,
+                                                                                               non_blocking=True)
+        buf.input_ids[:n].copy_(flat[:n])
+        buf.positions[:n].copy_(flat[n:2 * n])
+        buf.slot_mapping[:n].copy_(flat[2 * n:3 * n])
+        buf.seq_lens[:s].copy_(flat[3 * n:3 * n + s])
+        buf.query_start_loc[: s + 1].copy_(flat[3 * n + s:])
+        buf.block_tables[:s].copy_(tables, non_blocking=True)
         if host.in_flight:
             index, rows = torch.tensor(host.in_flight, dtype=torch.int64).to(self.device, non_blocking=True).unbind(1)
             buf.input_ids.index_copy_(0, index, self.last_sampled.index_select(0, rows))
-        buf.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
-        buf.slot_mapping[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
-        buf.block_tables[:s].copy_(tables, non_blocking=True)
-        buf.seq_lens[:s].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        starts = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        buf.query_start_loc[: s + 1].copy_(starts, non_blocking=True)
         padded = dispatch.padded_tokens
         if padded > n:
             buf.slot_mapping[n:padded].fill_(-1)  # padded rows write nowhere

@@ -142,3 +142,19 @@ def test_kv_planning_on_a_full_device_names_what_holds_the_memory(monkeypatch):
     # The same device with room: 85 % of 140 GiB minus 30 GiB in use minus the 0.25 GiB peak.
     device.memory_info = lambda: MemoryInfo(free_bytes=110 * GiB, total_bytes=140 * GiB)
     assert kv_sizing.plan_kv_blocks(config, runner) == int(0.85 * 140 * 1024 - 30 * 1024 - 256)
+
+
+def test_output_snapshot_copies_every_field():
+    """RequestOutput snapshots are built field by field (for speed): a field added later must be copied too."""
+    import dataclasses
+
+    from runtime.engine.core import _Parent, _Sequence
+    from runtime.engine.outputs import CompletionOutput, RequestMetrics
+
+    output = CompletionOutput(2, "text", [1, 2], "stop", [(-0.5, [(1, -0.5)])], "stop-string")
+    metrics = RequestMetrics(1.0, 2.0, 3.0, 4, 5)
+    parent = _Parent("id", "prompt", [7], [_Sequence(None, None, output)], metrics, finished=True)
+    snapshot = parent.to_output()
+    assert dataclasses.asdict(snapshot.outputs[0]) == dataclasses.asdict(output)
+    assert dataclasses.asdict(snapshot.metrics) == dataclasses.asdict(metrics)
+    assert snapshot.outputs[0].token_ids is not output.token_ids
