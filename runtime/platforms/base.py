@@ -122,6 +122,11 @@ class Platform:
         the launching thread, so there is nothing to overlap."""
         return False
 
+    def forbid_host_syncs(self) -> ContextManager[Any]:
+        """Inside the block, an operation that makes the host wait for the device (``.item()``, ``.tolist()``,
+        a copy to pageable memory, a stream synchronize) raises: tests hold the async launch path to that."""
+        return contextlib.nullcontext()
+
     def host_buffer(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Host memory a device->host copy can land in without blocking the host (pinned, where it exists)."""
         return torch.empty(shape, dtype=dtype)

@@ -86,6 +86,15 @@ class CudaPlatform(Platform):
     def async_scheduling_default(self) -> bool:
         return True
 
+    @contextlib.contextmanager
+    def forbid_host_syncs(self) -> Iterator[None]:
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
     def host_buffer(self, shape: Any, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
