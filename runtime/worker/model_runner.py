@@ -18,6 +18,7 @@ from runtime.contracts.scheduler_output import ScheduledRequest, SchedulerOutput
 from runtime.forward_context import BatchDescriptor, set_forward_context
 from runtime.platforms import current_platform
 from runtime.ubatching import NUM_UBATCHES, UBatchThreads, YieldPoint, run_in_turn
+from runtime.worker.block_table import PersistentBlockTable
 from runtime.worker.graph_driver import GraphDriver
 from runtime.worker.sampler import Sampler, SamplingBatch
 from runtime.worker.step_output import PendingStep
@@ -34,7 +35,7 @@ class HostStep:
     ids: list[int]
     positions: list[int]
     slots: list[int]
-    tables: torch.Tensor  # [rows, max_blocks_per_seq] int32
+    table_rows: list[int]  # each request's row in the persistent block table
     query_lens: list[int]
     seq_lens: list[int]
     # (flat token index, row of the previous step's sampled tokens): input tokens sampled by the step
@@ -46,7 +47,7 @@ class HostStep:
         t = slice(ub.tokens.start, ub.tokens.stop)
         query_lens, seq_lens = slice_lens(self.query_lens, self.seq_lens, ub)
         in_flight = [(i - ub.tokens.start, row) for i, row in self.in_flight if i in ub.tokens]
-        return HostStep(self.ids[t], self.positions[t], self.slots[t], self.tables[ub.rows.start:ub.rows.stop],
+        return HostStep(self.ids[t], self.positions[t], self.slots[t], self.table_rows[ub.rows.start:ub.rows.stop],
                         query_lens, seq_lens, in_flight)
 
 
@@ -76,6 +77,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.vocab_size = vocab_size
         self.buffers = InputBuffers(max_num_batched_tokens, max_num_seqs, self.max_blocks_per_seq, device)
+        # Rows for the running requests plus those that ended since the last release reached this worker.
+        self.block_table = PersistentBlockTable(2 * max_num_seqs, self.max_blocks_per_seq, device)
         self.sampler = Sampler()
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.multimodal = None  # runtime.worker.multimodal.MultimodalRunner, set by attach_multimodal for vision models
@@ -186,25 +189,29 @@ class ModelRunner:
         slots: list[int] = []
         query_lens, seq_lens = [], []
         bs = self.block_size
-        table_rows: list[list[int]] = []
         in_flight: list[tuple[int, int]] = []
         for item in scheduled:
-            req, start, end = item.request, item.start_pos, item.start_pos + item.num_new_tokens
-            prompt_len, known_end = len(req.prompt_token_ids), min(end, req.num_tokens)
-            if start >= prompt_len:
-                ids.extend(req.output_token_ids[start - prompt_len:known_end - prompt_len])
+            req, start, num_new = item.request, item.start_pos, item.num_new_tokens
+            end, prompt_len, outputs, blocks = start + num_new, len(req.prompt_token_ids), req.output_token_ids, req.block_ids
+            known_end = min(end, prompt_len + len(outputs))
+            if num_new == 1 and start >= prompt_len:  # a decode: one token, no ranges to build (most rows)
+                ids.append(outputs[start - prompt_len] if start < known_end else 0)
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
             else:
-                ids.extend(req.all_token_ids[start:known_end])
+                if start >= prompt_len:
+                    ids.extend(outputs[start - prompt_len:known_end - prompt_len])
+                else:
+                    ids.extend(req.all_token_ids[start:known_end])
+                if known_end < end:
+                    ids.append(0)
+                positions.extend(range(start, end))
+                slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             if known_end < end:  # its last input token is the one the step in flight samples
-                in_flight.append((len(ids), self._last_sampled_row(req.request_id, end - known_end)))
-                ids.append(0)
-            positions.extend(range(start, end))
-            blocks = req.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            table_rows.append(blocks)
-            query_lens.append(end - start)
+                in_flight.append((len(ids) - 1, self._last_sampled_row(req.request_id, end - known_end)))
+            query_lens.append(num_new)
             seq_lens.append(end)
-        return HostStep(ids, positions, slots, self._block_tables(table_rows), query_lens, seq_lens, in_flight)
+        return HostStep(ids, positions, slots, self.block_table.rows(scheduled), query_lens, seq_lens, in_flight)
 
     def _sampling_batch(self, requests: list, vocab_size: int, generators: dict[str, torch.Generator]) -> SamplingBatch:
         """The step's sampling parameters on the device. A decode step usually samples for the same requests
@@ -228,19 +235,9 @@ class ModelRunner:
                                "step did not sample it (one step in flight at most)")
         return row
 
-    def _block_tables(self, rows: list[list[int]]) -> torch.Tensor:
-        """[len(rows), max_blocks_per_seq] int32, zero-padded: one tensor built from all rows at
-        once (a tensor per row costs more than the rest of a large decode step's host work)."""
-        lens = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-        tables = torch.zeros(len(rows), self.max_blocks_per_seq, dtype=torch.int32)
-        # A boolean mask assigns in row-major order: each row's blocks, then the next row's.
-        tables[torch.arange(self.max_blocks_per_seq) < lens[:, None]] = torch.tensor(
-            [b for r in rows for b in r], dtype=torch.int32)
-        return tables
-
     def _fill(self, host: HostStep, buf: InputBuffers, ubatch: int | None = None) -> tuple[AttentionMetadata, Dispatch]:
         """Copy a step's (or micro-batch's) inputs into ``buf``; its metadata and graph dispatch."""
-        ids, positions, slots, tables = host.ids, host.positions, host.slots, host.tables
+        ids, positions, slots = host.ids, host.positions, host.slots
         query_lens, seq_lens, bs = host.query_lens, host.seq_lens, self.block_size
         n, s = len(ids), len(query_lens)
         dispatch = self.graphs.plan(n, max(query_lens) == 1, ubatch)
@@ -249,14 +246,14 @@ class ModelRunner:
             starts[i + 1] = starts[i] + q
         # One host->device copy for the flat inputs (each copy from host memory costs the launching thread
         # more than a device-side copy does), spread into the persistent buffers on the device.
-        flat = torch.tensor(ids + positions + slots + seq_lens + starts, dtype=torch.int64).to(self.device,
-                                                                                               non_blocking=True)
+        flat = torch.tensor(ids + positions + slots + seq_lens + starts + host.table_rows,
+                            dtype=torch.int64).to(self.device, non_blocking=True)
         buf.input_ids[:n].copy_(flat[:n])
         buf.positions[:n].copy_(flat[n:2 * n])
         buf.slot_mapping[:n].copy_(flat[2 * n:3 * n])
         buf.seq_lens[:s].copy_(flat[3 * n:3 * n + s])
-        buf.query_start_loc[: s + 1].copy_(flat[3 * n + s:])
-        buf.block_tables[:s].copy_(tables, non_blocking=True)
+        buf.query_start_loc[: s + 1].copy_(flat[3 * n + s:3 * n + 2 * s + 1])
+        torch.index_select(self.block_table.table, 0, flat[3 * n + 2 * s + 1:], out=buf.block_tables[:s])
         if host.in_flight:
             index, rows = torch.tensor(host.in_flight, dtype=torch.int64).to(self.device, non_blocking=True).unbind(1)
             buf.input_ids.index_copy_(0, index, self.last_sampled.index_select(0, rows))
@@ -322,6 +319,7 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput, generators: dict[str, torch.Generator]) -> PendingStep:
         """Launch a step; its sampled tokens stay on the device (the next step may read them there) while
         their copy to the host is queued behind it."""
+        self.block_table.release(output.finished_ids + output.preempted_ids)
         host = self._host_step(output.scheduled)
         if self.multimodal is not None:  # vision models: M-RoPE positions, encoder runs, image rows (in place)
             self.multimodal.prepare(output.scheduled, len(host.ids))

@@ -46,12 +46,18 @@ INVOCATIONS = {
                       "--input-len", "8", "--output-len", "3", "--max-num-seqs", "4", "--kv-cache-memory-gb", "0.05",
                       "--tensor-parallel-size", "2", "--enable-expert-parallel", "--log-level", "ERROR",
                       "--json", "{json}", "--profile", "{profile}"],
+    # Synchronous and async scheduling side by side on one engine.
+    "latency_scheduling": ["latency", "--model", "{llama}", "--dtype", "float32", "--batch-sizes", "2",
+                           "--async-scheduling", "--compare-scheduling", "--json", "{json}", *TINY_LATENCY],
+    "throughput_scheduling": ["throughput", "--model", "{llama}", "--dtype", "float32", "--workload", "fixed",
+                              "--num-requests", "3", "--input-len", "6", "--output-len", "3", "--kv-cache-memory-gb",
+                              "0.05", "--compare-scheduling", "--json", "{json}"],
     # A vision model's decoder with its encoder's attention backend chosen.
     "latency_vlm": ["latency", "--model", "{vlm}", "--dtype", "float32", "--batch-sizes", "2",
-                    "--mm-encoder-attn-backend", "naive", "--json", "{json}", *TINY_LATENCY],
+                    "--mm-encoder-attn-backend", "naive", "--no-async-scheduling", "--json", "{json}", *TINY_LATENCY],
     "throughput_vlm": ["throughput", "--model", "{vlm}", "--dtype", "float32", "--num-requests", "2", "--input-len",
                        "6", "--output-len", "2", "--kv-cache-memory-gb", "0.05", "--mm-encoder-attn-backend", "sdpa",
-                       "--json", "{json}"],
+                       "--async-scheduling", "--no-async-scheduling", "--json", "{json}"],
     "mm_encoder": ["mm-encoder", "--shape", "tiny", "--image-sizes", "56x56,84x112", "--backends", "sdpa,naive",
                    "--modes", "eager,compiled,captured", "--dtype", "float32", "--compile-backend", "eager",
                    "--iters", "1", "--warmup", "0", "--log-level", "INFO", "--json", "{json}"],
@@ -149,6 +155,30 @@ def test_a_vision_model_with_its_encoder_backend_chosen(checkpoints, tmp_path, c
     rows, printed = _run(name, checkpoints, tmp_path, capsys)
     _check_schema(rows, columns, printed)
     assert [r["config"] for r in rows] == ["eager"]
+
+
+@pytest.mark.parametrize("name,columns", [("latency_scheduling", LATENCY_COLUMNS),
+                                          ("throughput_scheduling", THROUGHPUT_COLUMNS)])
+def test_sync_and_async_scheduling_side_by_side(name, columns, checkpoints, tmp_path, capsys):
+    rows, printed = _run(name, checkpoints, tmp_path, capsys)
+    _check_schema(rows, columns, printed)
+    assert [r["config"] for r in rows] == ["eager,sync", "eager,async"]
+    if name.startswith("latency"):
+        assert all(0 < r["host_ms"] <= r["median_ms"] * 1.5 for r in rows)
+    else:
+        assert rows[0]["output_tokens"] == rows[1]["output_tokens"] == 9
+
+
+def test_nano_workload_is_nano_vllms():
+    """nano-vllm's bench.py: random.seed(0), prompts first (ids 0..10000, 100..1024 long), then max_tokens."""
+    from runtime.bench.throughput import nano_workload
+
+    prompts, params = nano_workload()
+    assert len(prompts) == len(params) == 256
+    assert all(100 <= len(p) <= 1024 and 0 <= min(p) and max(p) <= 10000 for p in prompts)
+    assert all(100 <= sp.max_tokens <= 1024 and sp.temperature == 0.6 and sp.ignore_eos for sp in params)
+    assert sum(len(p) for p in prompts) == 142827 and sum(sp.max_tokens for sp in params) == 133966
+    assert nano_workload()[0] == prompts
 
 
 def test_mm_encoder_runs_every_backend_and_mode(checkpoints, tmp_path, capsys):

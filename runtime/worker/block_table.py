@@ -1,0 +1,58 @@
+"""Block tables kept on the device across steps, each request in a row of its own, updated by diffs.
+
+A request's block list only grows between its admission and its end (a new block every ``block_size``
+tokens), so most steps change a few entries of a few rows. Rebuilding and copying the whole
+[requests, max_blocks] table every step cost more host time than the rest of a large decode step's
+input building; here the host sends only the new entries, and the step's table is gathered from the rows
+on the device.
+"""
+from __future__ import annotations
+
+import torch
+
+from runtime.contracts.scheduler_output import ScheduledRequest
+
+
+class PersistentBlockTable:
+    def __init__(self, num_rows: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        self.table = torch.zeros(num_rows, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.device = device
+        self._row_of: dict[str, int] = {}
+        self._written: dict[str, int] = {}  # blocks of the request already in its row
+        self._free_rows = list(range(num_rows - 1, -1, -1))
+
+    def release(self, request_ids: list[str]) -> None:
+        """Requests finished or preempted (a preempted request comes back with new blocks)."""
+        for request_id in request_ids:
+            row = self._row_of.pop(request_id, None)
+            if row is not None:
+                self._written.pop(request_id)
+                self._free_rows.append(row)
+
+    def rows(self, scheduled: list[ScheduledRequest]) -> list[int]:
+        """Each scheduled request's row, after writing the blocks it gained since it was last seen."""
+        rows, diff_rows, diff_cols, diff_blocks = [], [], [], []
+        for item in scheduled:
+            request_id, blocks = item.request.request_id, item.request.block_ids
+            row = self._row_of.get(request_id)
+            if row is None:
+                row = self._take_row(scheduled)
+                self._row_of[request_id], self._written[request_id] = row, 0
+            written = self._written[request_id]
+            if len(blocks) > written:
+                diff_rows.extend([row] * (len(blocks) - written))
+                diff_cols.extend(range(written, len(blocks)))
+                diff_blocks.extend(blocks[written:])
+                self._written[request_id] = len(blocks)
+            rows.append(row)
+        if diff_rows:
+            diff = torch.tensor([diff_rows, diff_cols, diff_blocks], dtype=torch.int64).to(self.device,
+                                                                                         non_blocking=True)
+            self.table[diff[0], diff[1]] = diff[2].to(torch.int32)
+        return rows
+
+    def _take_row(self, scheduled: list[ScheduledRequest]) -> int:
+        if not self._free_rows:  # rows of requests that ended without a release yet: drop all not in this step
+            keep = {item.request.request_id for item in scheduled}
+            self.release([rid for rid in self._row_of if rid not in keep])
+        return self._free_rows.pop()
