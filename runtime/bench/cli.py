@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MoE models under tensor parallelism: whole experts per rank")
         s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="schedule and launch each step while the previous one runs on the device "
-                            "(default: the platform's: on with CUDA/NPU, off on CPU)")
+                            "(default: the platform's: on for devices with streams, off on CPU)")
         s.add_argument("--compare-scheduling", action="store_true",
                        help="measure synchronous and async scheduling side by side on each engine")
         s.add_argument("--dbo", action="store_true",

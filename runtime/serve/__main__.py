@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MoE models under tensor parallelism: whole experts per rank instead of slices of every expert")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch each engine step while the previous one runs on the device, its "
-                        "sampled tokens feeding the next step there (default: on with CUDA/NPU, off on CPU; "
+                        "sampled tokens feeding the next step there (default: on for devices with streams, off on CPU; "
                         "off under tensor parallelism)")
     p.add_argument("--dbo", action="store_true",
                    help="dual-batch overlap: split large steps into two micro-batches whose communication "
