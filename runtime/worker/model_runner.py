@@ -338,7 +338,10 @@ class ModelRunner:
 
 
 def _suppress_stop_tokens_before_min(logits: torch.Tensor, sampling: list[ScheduledRequest]) -> None:
-    """A request below its min_tokens must not sample EOS or a stop token id."""
+    """A request below its min_tokens must not sample EOS or a stop token id (one masked write for the
+    whole step, its indices copied without making the host wait)."""
+    rows: list[int] = []
+    tokens: list[int] = []
     for row, item in enumerate(sampling):
         req, params = item.request, item.request.sampling_params
         # Output tokens before this step's: its last input position is the last of them (also while the
@@ -348,5 +351,8 @@ def _suppress_stop_tokens_before_min(logits: torch.Tensor, sampling: list[Schedu
             banned = list(params.stop_token_ids or [])
             if req.eos_token_id is not None and not params.ignore_eos:
                 banned.append(req.eos_token_id)
-            if banned:
-                logits[row, banned] = float("-inf")
+            rows.extend([row] * len(banned))
+            tokens.extend(banned)
+    if rows:
+        index = torch.tensor([rows, tokens], dtype=torch.int64).to(logits.device, non_blocking=True)
+        logits[index[0], index[1]] = float("-inf")

@@ -158,3 +158,15 @@ def test_output_snapshot_copies_every_field():
     assert dataclasses.asdict(snapshot.outputs[0]) == dataclasses.asdict(output)
     assert dataclasses.asdict(snapshot.metrics) == dataclasses.asdict(metrics)
     assert snapshot.outputs[0].token_ids is not output.token_ids
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_min_tokens_holds_stop_tokens_back(smollm2, async_scheduling):
+    llm = LLM.from_loaded(smollm2, max_num_seqs=4, max_model_len=256, async_scheduling=async_scheduling)
+    prompt = [1, 504, 3458, 282]
+    free = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)[0].outputs[0]
+    stop = free.token_ids[0]
+    held = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, stop_token_ids=[stop])
+    out = llm.generate([prompt, prompt], held, use_tqdm=False)
+    for o in out:
+        assert stop not in o.outputs[0].token_ids[:3] and len(o.outputs[0].token_ids) >= 3
