@@ -31,7 +31,7 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 def _pad(rows: list[list[int]], pad: int, device: torch.device) -> Tensor:
     width = max((len(r) for r in rows), default=0)
     padded = [r + [pad] * (width - len(r)) for r in rows]
-    return torch.tensor(padded, dtype=torch.int64, device=device).reshape(len(rows), width)
+    return torch.tensor(padded, dtype=torch.int64).reshape(len(rows), width).to(device, non_blocking=True)
 
 
 @dataclass
@@ -83,8 +83,10 @@ class SamplingBatch:
         if not (len(prompt_ids) == len(output_ids) == len(seeded_generators) == num):
             raise ValueError("params, prompt_ids, output_ids and seeded_generators need one entry per request")
 
-        def f32(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+        def on_device(values: list, dtype: torch.dtype) -> Tensor:
+            # Built on the host and copied without making the host wait for the device (the async
+            # scheduling launch path must never wait; tests/gpu/test_async_scheduling_gpu.py).
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         greedy = [p.greedy for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
@@ -93,15 +95,19 @@ class SamplingBatch:
             for p in params
         )
         requested = [p.logprobs for p in params if p.logprobs is not None]
+        floats = on_device([[1.0 if g else p.temperature for p, g in zip(params, greedy)], [p.top_p for p in params],
+                            [p.min_p for p in params], [p.repetition_penalty for p in params],
+                            [p.presence_penalty for p in params], [p.frequency_penalty for p in params]],
+                           torch.float32).reshape(6, num)
         return cls(
-            temperature=f32([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
-            top_p=f32([p.top_p for p in params]),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
-            min_p=f32([p.min_p for p in params]),
-            repetition_penalty=f32([p.repetition_penalty for p in params]),
-            presence_penalty=f32([p.presence_penalty for p in params]),
-            frequency_penalty=f32([p.frequency_penalty for p in params]),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            temperature=floats[0],
+            top_p=floats[1],
+            top_k=on_device(top_k, torch.int64),
+            min_p=floats[2],
+            repetition_penalty=floats[3],
+            presence_penalty=floats[4],
+            frequency_penalty=floats[5],
+            is_greedy=on_device(greedy, torch.bool),
             all_greedy=num > 0 and all(greedy),
             any_greedy=any(greedy),
             any_penalties=any_penalties,
