@@ -156,8 +156,8 @@ class EngineCore:
         return current_platform.async_scheduling_default if wanted is None else wanted
 
     def set_async_scheduling(self, enabled: bool) -> None:
-        """Switch async scheduling for later steps (benchmarks compare both on one engine); the step in
-        flight, if any, is taken in first."""
+        """Switch async scheduling for later steps (benchmarks compare both on one engine); only between
+        runs: with a step in flight it raises."""
         if enabled and self.config.tensor_parallel_size > 1:
             raise ValueError("async scheduling runs on one rank only (tensor_parallel_size=1)")
         if self._in_flight is not None:
