@@ -12,7 +12,7 @@ from runtime.logger import configure_default_logging
 
 if TYPE_CHECKING:
     from runtime.contracts.config import EngineConfig
-    from runtime.contracts.sampling_params import SamplingParams
+    from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams
     from runtime.engine.async_engine import AsyncEngine
     from runtime.engine.llm import LLM
     from runtime.engine.outputs import CompletionOutput, RequestOutput
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 _PUBLIC = {
     "LLM": "runtime.engine.llm",
     "SamplingParams": "runtime.contracts.sampling_params",
+    "RequestOutputKind": "runtime.contracts.sampling_params",
     "AsyncEngine": "runtime.engine.async_engine",
     "RequestOutput": "runtime.engine.outputs",
     "CompletionOutput": "runtime.engine.outputs",
@@ -28,7 +29,8 @@ _PUBLIC = {
 
 configure_default_logging()
 
-__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "RequestOutput", "RequestOutputKind",
+           "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:

@@ -72,18 +72,21 @@ def runner_stats(llm: LLM) -> dict[str, Any]:
             "dbo_steps": info["dbo_steps"]}
 
 
-def traced(core: Any, args: argparse.Namespace, label: str, run: Callable[[], Any]) -> None:
+def traced(core: Any, args: argparse.Namespace, label: str, run: Callable[[], Any]) -> list[str]:
     """With --profile DIR: ``run()`` again under the torch profiler, every rank tracing into DIR/label
-    (kept apart from the timed runs, which the profiler would slow)."""
+    (kept apart from the timed runs, which the profiler would slow); the trace files, rank 0's first."""
     if not args.profile:
-        return
+        return []
     directory = os.path.join(args.profile, re.sub(r"[^\w.=,-]+", "_", label))
     core.start_profile(directory)
+    paths: list[str] = []
     try:
         run()
     finally:
-        for path in core.stop_profile():
+        paths = core.stop_profile()
+        for path in paths:
             logger.warning("trace: %s", path)
+    return paths
 
 
 def kv_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,13 +2,15 @@
 
 Each config gets its own engine (graphs bake in their runner's buffers); per batch size the requests
 are prefilled, then ``--warmup`` and ``--steps`` decode steps are timed whole, then as many again with
-rank 0's forward timed alone, then (``--count-kernels``) a few with the kernel profiler on.
+rank 0's forward timed alone, then (``--count-kernels``) a few with the kernel profiler on, then
+(``--profile DIR``) 20 under the trace profiler, whose trace gives the device's idle time per step.
 ``--hf-baseline`` adds transformers' eager decode on the same architecture, in the same process.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import statistics
 import time
 from typing import Any
@@ -22,13 +24,17 @@ from models.loader import resolve_dtype
 from models.testing import llama_1b_config
 from runtime.bench.engines import (RANDOM_1B, load_model_for, make_engine, random_prompt, row_name, runner_stats,
                                    scheduling_states, set_dbo, set_scheduling, traced, variants)
+from runtime.bench.device_gaps import DeviceGaps, device_gaps
 from runtime.bench.results import ResultTable
-from runtime.contracts.sampling_params import SamplingParams
+from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams
 from runtime.engine.core import EngineCore
 from runtime.platforms import current_platform
 from runtime.profiling import StepProfile
 
-PROFILED_STEPS = 5  # decode steps under the kernel counter, and under the trace profiler
+logger = logging.getLogger(__name__)
+
+PROFILED_STEPS = 5  # decode steps under the kernel counter
+TRACED_STEPS = 20  # decode steps under the trace profiler (--profile), read back for the device's idle time
 
 
 def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
@@ -37,7 +43,7 @@ def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
         counters.reset()
         start = time.perf_counter()
         loaded = load_model_for(args, compilation)  # loaded per config: graphs bake in their runner's buffers
-        llm = make_engine(loaded, args, max(args.batch_sizes), args.context + 2 * args.steps + args.warmup + 8,
+        llm = make_engine(loaded, args, max(args.batch_sizes), args.context + _decode_steps(args) + 8,
                           engine_args, compilation)
         cold_start = time.perf_counter() - start
         rows = []
@@ -46,8 +52,8 @@ def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
             dbo_steps_before = set_dbo(llm, dbo)
             set_scheduling(llm, scheduling)
             label = row_name(name, dbo, scheduling)
-            times, host, forward, profile = _decode_step_times(llm.engine, llm.engine.vocab_size, batch, args,
-                                                               f"{label}-b{batch}")
+            times, host, forward, profile, gaps = _decode_step_times(llm.engine, llm.engine.vocab_size, batch,
+                                                                     args, f"{label}-b{batch}")
             stats = runner_stats(llm)
             rows.append({"config": label, "batch": batch, "context": args.context,
                          "mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times),
@@ -57,6 +63,7 @@ def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
                          "graph_pool_mib": stats["pool_bytes"] / 2**20,
                          "graphs": stats["counters"].graphs_captured, "replays": stats["counters"].graph_replays,
                          **_profile_columns(profile),
+                         "idle_us": gaps.idle_between_launches_us if gaps else None,
                          "pass_matches": sum(stats["counters"].pass_matches.values()),
                          "dbo_steps": stats["dbo_steps"] - dbo_steps_before, "tp": args.tensor_parallel_size})
         llm.engine.shutdown()
@@ -68,27 +75,34 @@ def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
         table.add(*_hf_latency(args))
 
 
+def _decode_steps(args: argparse.Namespace) -> int:
+    """Decode steps one batch size runs: warm-up, timed, forward-timed, kernel-counted and traced."""
+    return args.warmup + 2 * args.steps + PROFILED_STEPS + TRACED_STEPS
+
+
 def _profile_columns(profile: StepProfile | None) -> dict[str, Any]:
     if profile is None:
         return {"kernels_per_step": None, "collective_ms": None}
     return {"kernels_per_step": profile.kernels_per_step, "collective_ms": profile.collective_ms_per_step}
 
 
-def _decode_step_times(core: EngineCore, vocab: int, batch: int, args: argparse.Namespace,
-                       label: str) -> tuple[list[float], list[float], list[float], StepProfile | None]:
+def _decode_step_times(core: EngineCore, vocab: int, batch: int, args: argparse.Namespace, label: str
+                       ) -> tuple[list[float], list[float], list[float], StepProfile | None, DeviceGaps | None]:
     """Whole-step times, host times (a step's time less what it waited for the device's results: the
     launching thread's own work), rank 0's forward times, (--count-kernels) the kernels per step, and
-    (--profile) a trace of a few more steps."""
+    (--profile) a trace of more steps with the device's idle time read from it."""
     # Enough tokens for every decode step this function runs: warm-up, timed, forward-timed and the
     # kernel-counting steps (a request that finished earlier made the kernel count read 0).
-    params = SamplingParams(temperature=0.0, max_tokens=args.warmup + 2 * args.steps + 2 * PROFILED_STEPS + 1,
-                            ignore_eos=True)
+    # FINAL_ONLY, as an offline batch (LLM.generate) asks: no per-step snapshots of the outputs.
+    params = SamplingParams(temperature=0.0, max_tokens=_decode_steps(args) + 1,
+                            ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
     ids = [f"b{batch}-{i}" for i in range(batch)]
+    requests = []
     for i, rid in enumerate(ids):
         core.add_request(rid, random_prompt(vocab, args.context, i), params)
-    decoding: set[str] = set()
-    while len(decoding) < batch:  # prefill (possibly chunked) until every request decodes
-        decoding.update(out.request_id for out in core.step())
+        requests.append(core.scheduler.get_request(rid))
+    while any(r.num_output_tokens + r.num_pending_outputs == 0 for r in requests):
+        core.step()  # prefill (possibly chunked) until every request decodes
     for _ in range(args.warmup):
         core.step()
     times, host = [], []
@@ -99,12 +113,15 @@ def _decode_step_times(core: EngineCore, vocab: int, batch: int, args: argparse.
         host.append(times[-1] - (core.device_wait_s - waited))
     forward = _forward_times(core, args.steps)
     profile = _profile_steps(core, PROFILED_STEPS) if args.count_kernels else None
-    traced(core, args, label, lambda: [core.step() for _ in range(PROFILED_STEPS)])
+    traces = traced(core, args, label, lambda: [core.step() for _ in range(TRACED_STEPS)])
+    gaps = device_gaps(traces[0], TRACED_STEPS) if traces else None
+    if gaps is not None:
+        logger.warning("%s: %s", label, gaps.summary())
     for rid in ids:
         core.abort_request(rid)
     while core.has_unfinished_requests():  # the step still in flight, under async scheduling
         core.step()
-    return times, host, forward, profile
+    return times, host, forward, profile, gaps
 
 
 def _profile_steps(core: EngineCore, steps: int) -> StepProfile | None:

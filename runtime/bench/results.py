@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LATENCY_COLUMNS = ("config", "batch", "context", "mean_ms", "median_ms", "min_ms", "host_ms", "forward_ms", "cold_start_s",
-                   "graph_pool_mib", "graphs", "replays", "kernels_per_step", "collective_ms", "pass_matches",
+                   "graph_pool_mib", "graphs", "replays", "kernels_per_step", "collective_ms", "idle_us", "pass_matches",
                    "dbo_steps", "tp")
 THROUGHPUT_COLUMNS = ("config", "workload", "requests", "prompt_tokens", "output_tokens", "seconds", "requests_per_s",
                       "output_tokens_per_s", "total_tokens_per_s", "dbo_steps", "tp")

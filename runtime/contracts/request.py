@@ -27,10 +27,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in _FINISHED_STATUSES
+        return self in FINISHED_STATUSES
 
 
-_FINISHED_STATUSES = frozenset(
+FINISHED_STATUSES = frozenset(
     {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
 )
 
@@ -60,6 +60,19 @@ class Request:
     # Seed of this sequence's own sampling generator (the sampling worker keeps the generator); None
     # samples from the worker's shared one.
     seed: int | None = None
+    _stop_token_set: frozenset[int] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def stop_token_set(self) -> frozenset[int]:
+        """Token ids that stop it once min_tokens are out: its stop_token_ids, and EOS unless ignored."""
+        stop = self._stop_token_set
+        if stop is None:
+            params = self.sampling_params
+            ids = set(params.stop_token_ids or ())
+            if self.eos_token_id is not None and not params.ignore_eos:
+                ids.add(self.eos_token_id)
+            stop = self._stop_token_set = frozenset(ids)
+        return stop
 
     @property
     def all_token_ids(self) -> list[int]:

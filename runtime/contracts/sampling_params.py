@@ -5,6 +5,7 @@ takes a slot in a batch; the sampler can then trust every value it turns into a 
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -12,6 +13,12 @@ from dataclasses import dataclass, field
 GREEDY_TEMPERATURE_EPS = 1e-5
 # Upper bound on requested top logprobs; keeps the per-step top-k over the vocabulary small.
 MAX_LOGPROBS = 20
+
+
+class RequestOutputKind(enum.Enum):
+    """Which steps hand the caller a RequestOutput (vLLM's names)."""
+    CUMULATIVE = "cumulative"  # every step that adds a token: everything so far (streaming)
+    FINAL_ONLY = "final_only"  # once, when the request finishes (offline batches, non-streaming HTTP)
 
 
 def sequence_seed(seed: int, index: int) -> int:
@@ -54,6 +61,8 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # FINAL_ONLY spares the engine a snapshot of every request every step (it copies all tokens so far).
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self._normalise_stop()
@@ -65,6 +74,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        """Sampling reads the request's earlier tokens (repetition, presence or frequency penalty)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def top_k_enabled(self) -> bool:
@@ -121,3 +135,5 @@ class SamplingParams:
         ok = isinstance(ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in ids)
         _check(ok, "stop_token_ids", "a list of non-negative ints", ids)
         self.stop_token_ids = list(ids)
+        _check(isinstance(self.output_kind, RequestOutputKind), "output_kind", "a RequestOutputKind",
+               self.output_kind)

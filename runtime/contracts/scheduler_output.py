@@ -1,30 +1,32 @@
 """What the scheduler hands the worker each step: which tokens of which requests to compute."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from runtime.contracts.request import Request
 
 
-@dataclass
 class ScheduledRequest:
-    """Computes tokens ``[start_pos, start_pos + num_new_tokens)`` of the request this step."""
+    """Computes tokens ``[start_pos, start_pos + num_new_tokens)`` of the request this step.
 
-    request: Request
-    num_new_tokens: int
-    # Snapshots taken at schedule time, before the scheduler moves the request on: the
-    # answers must not change under the runner's or the updater's feet.
-    start_pos: int = field(init=False)
-    _samples: bool = field(init=False, repr=False)
+    ``start_pos`` and ``samples`` (True when this step computes the request's last token, so a token is
+    sampled) are snapshots taken at schedule time, before the scheduler moves the request on: the answers
+    must not change under the runner's or the updater's feet. Given explicitly where the caller knows
+    them (the scheduler's hot loop, a worker's mirror); read from the request otherwise. A slotted class:
+    the scheduler makes one per running request per step.
+    """
+    __slots__ = ("request", "num_new_tokens", "start_pos", "samples")
 
-    def __post_init__(self) -> None:
-        self.start_pos = self.request.num_computed_tokens
-        self._samples = self.start_pos + self.num_new_tokens >= self.request.num_scheduled_tokens
+    def __init__(self, request: Request, num_new_tokens: int, start_pos: int | None = None,
+                 samples: bool | None = None) -> None:
+        self.request, self.num_new_tokens = request, num_new_tokens
+        self.start_pos = request.num_computed_tokens if start_pos is None else start_pos
+        self.samples = (self.start_pos + num_new_tokens >= request.num_scheduled_tokens
+                        if samples is None else samples)
 
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the request's last token, so a token is sampled."""
-        return self._samples
+    def __repr__(self) -> str:
+        return (f"ScheduledRequest({self.request.request_id!r}, num_new_tokens={self.num_new_tokens}, "
+                f"start_pos={self.start_pos}, samples={self.samples})")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from models.registry import resolve_model_class
 from runtime.contracts.config import EngineConfig
 from runtime.contracts.request import Request, RequestStatus
 from runtime.contracts.runner_output import StepHandle
-from runtime.contracts.sampling_params import SamplingParams, sequence_seed
+from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams, sequence_seed
 from runtime.contracts.scheduler_output import SchedulerOutput
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.executor import Executor, InProcessExecutor
@@ -55,6 +55,7 @@ class _Parent:
     prompt_token_ids: list[int]
     sequences: list[_Sequence]
     metrics: RequestMetrics
+    cumulative: bool = True  # a snapshot every step it changes (else only when it finishes)
     finished: bool = False
 
     def to_output(self) -> RequestOutput:
@@ -123,6 +124,7 @@ class EngineCore:
             max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill), self.kv_cache)
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
+        self._num_with_penalties = 0  # unfinished requests whose sampling reads their earlier tokens
         self.async_scheduling = self._resolve_async_scheduling()
         self._in_flight: _InFlight | None = None  # the step launched last, results not taken in yet
         self.num_steps = 0
@@ -221,7 +223,8 @@ class EngineCore:
                              f"(max_model_len={self.max_model_len})")
         if max(ids) >= self.vocab_size or min(ids) < 0:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        parent = _Parent(request_id, text, ids, [], RequestMetrics(time.monotonic()))
+        parent = _Parent(request_id, text, ids, [], RequestMetrics(time.monotonic()),
+                         cumulative=params.output_kind is RequestOutputKind.CUMULATIVE)
         # Every completion is built before any is scheduled: a request is accepted whole or not at all.
         for i in range(params.n):
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -233,6 +236,7 @@ class EngineCore:
             parent.sequences.append(
                 _Sequence(req, detok, CompletionOutput(i, "", [], None, [] if params.logprobs is not None else None)))
         self._parents[request_id] = parent
+        self._num_with_penalties += params.has_penalties
         for seq in parent.sequences:
             self._sequences[seq.request.request_id] = (parent, seq)
             self.scheduler.add_request(seq.request)
@@ -252,7 +256,8 @@ class EngineCore:
 
     # ---- stepping --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduler step; returns the requests whose output changed.
+        """One scheduler step; returns the requests whose output changed (those asking for
+        ``RequestOutputKind.FINAL_ONLY``: only when they finish).
 
         Synchronous: schedule, run, take the results in. Async scheduling: schedule and launch this step,
         then take in the previous step's results while this one runs on the device (its inputs read the
@@ -262,7 +267,7 @@ class EngineCore:
         touched: dict[str, _Parent] = {}
         self._collect_scheduler_aborts(sched.finished_ids, touched)
         launched = None
-        if self._in_flight is not None and _needs_output_history(sched):
+        if self._in_flight is not None and self._num_with_penalties and _needs_output_history(sched):
             self._take_in(touched)  # penalties read every earlier token on the host
             # What those tokens finished (a stop, EOS) gave its KV blocks back: it cannot run.
             sched.scheduled = [item for item in sched.scheduled if not item.request.is_finished]
@@ -276,7 +281,7 @@ class EngineCore:
             self._take_in(touched)
         for parent in touched.values():
             self._retire_if_done(parent)  # also the requests the scheduler gave up on, when nothing ran
-        return [p.to_output() for p in touched.values()]
+        return [p.to_output() for p in touched.values() if p.cumulative or p.finished]
 
     def _take_in(self, touched: dict[str, _Parent]) -> None:
         """Wait for the step in flight and hand each sampled token to its sequence."""
@@ -288,18 +293,21 @@ class EngineCore:
         self.eager_steps += result.eager_steps
         finished = {r.request_id for r in self.scheduler.update_from_output(sched, result.sampled)}
         now = time.monotonic()
-        for item in sched.scheduled:
-            sub_id = item.request.request_id
-            if sub_id not in result.sampled or sub_id not in self._sequences:
-                continue  # nothing sampled, or finished (aborted, stopped) after the step was launched
-            parent, seq = self._sequences[sub_id]
-            if seq.output.finished:
-                continue
-            touched[parent.request_id] = parent
-            parent.metrics.first_token_time = parent.metrics.first_token_time or now
-            self._append_token(parent, seq, result.sampled[sub_id], result.logprobs.get(sub_id), sub_id in finished)
+        sequences, logprobs = self._sequences, result.logprobs
+        for sub_id, token in result.sampled.items():  # this loop runs for every request every step
+            entry = sequences.get(sub_id)
+            if entry is None or entry[1].output.finish_reason is not None:
+                continue  # finished (aborted, stopped) after the step was launched
+            parent, seq = entry
+            if parent.metrics.first_token_time is None:
+                parent.metrics.first_token_time = now
+            if self._append_token(parent, seq, token, logprobs.get(sub_id) if logprobs else None, sub_id in finished):
+                touched[parent.request_id] = parent
+            elif parent.cumulative:
+                touched[parent.request_id] = parent
 
-    def _append_token(self, parent: _Parent, seq: _Sequence, token: int, logprob, finished: bool) -> None:
+    def _append_token(self, parent: _Parent, seq: _Sequence, token: int, logprob, finished: bool) -> bool:
+        """Hand ``token`` to the sequence's output; True when it finished the sequence."""
         seq.output.token_ids.append(token)
         if seq.output.logprobs is not None and logprob is not None:
             seq.output.logprobs.append(logprob)
@@ -314,6 +322,7 @@ class EngineCore:
             finished = True
         if finished:
             self._finish_sequence(parent, seq, seq.request.status if not hit_stop else RequestStatus.FINISHED_STOPPED)
+        return finished
 
     def _collect_scheduler_aborts(self, finished_ids: list[str], touched: dict[str, _Parent]) -> None:
         for sub_id in finished_ids:
@@ -333,6 +342,7 @@ class EngineCore:
         if not parent.finished and all(s.output.finished for s in parent.sequences):
             parent.finished = True
             parent.metrics.finished_time = time.monotonic()
+            self._num_with_penalties -= parent.sequences[0].request.sampling_params.has_penalties
             for seq in parent.sequences:
                 self._sequences.pop(seq.request.request_id, None)
             self._parents.pop(parent.request_id, None)
@@ -347,8 +357,7 @@ class _InFlight:
 def _needs_output_history(sched: SchedulerOutput) -> bool:
     """A step whose sampling reads a request's earlier output tokens on the host (penalties) must see the
     token of the step still in flight."""
-    return any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-               for p in (item.request.sampling_params for item in sched.scheduled if item.samples))
+    return any(item.samples and item.request.sampling_params.has_penalties for item in sched.scheduled)
 
 
 def _check_encoder_attention(config: EngineConfig, model_class: type, loaded: LoadedModel | None) -> None:

@@ -119,10 +119,19 @@ class KVCacheManager:
     def cache_full_blocks(self, request: Request) -> None:
         """Register hashes of the request's blocks that are now full of computed tokens (whose ids are
         known: a token still in flight, sampled by a step not back yet, waits for the next call)."""
-        if not self.enable_prefix_caching or request.multimodal is not None:
+        if not self.enable_prefix_caching:
             return
-        state = self._hash_states.setdefault(request.request_id, _HashState())
-        num_known = min(request.num_computed_tokens, request.num_tokens)
+        state = self._hash_states.get(request.request_id)
+        if state is None:
+            if request.multimodal is not None:
+                return
+            state = self._hash_states[request.request_id] = _HashState()
+        # Inlined (this runs for every request every step, and returns here in all but one in block_size).
+        num_known = len(request.prompt_token_ids) + len(request.output_token_ids)
+        if request.num_computed_tokens < num_known:
+            num_known = request.num_computed_tokens
+        if num_known < (state.num_hashed_blocks + 1) * self.block_size:
+            return
         num_full = min(num_known // self.block_size, len(request.block_ids))
         if num_full <= state.num_hashed_blocks:
             return

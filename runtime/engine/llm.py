@@ -1,13 +1,14 @@
 """Offline batch generation: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
 from models.loader import LoadedModel
 from runtime.contracts.config import EngineConfig
-from runtime.contracts.sampling_params import SamplingParams
+from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams
 from runtime.engine.core import EngineCore
 from runtime.engine.outputs import RequestOutput
 
@@ -40,6 +41,7 @@ class LLM:
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        params_list = _final_only(params_list)
         ids = []
         for prompt, p in zip(prompts, params_list):
             self._counter += 1
@@ -75,3 +77,13 @@ class LLM:
                                    f"{sorted(set(ids) - set(done))}")
         bar.close()
         return [done[i] for i in ids]
+
+
+def _final_only(params_list: list[SamplingParams]) -> list[SamplingParams]:
+    """The same parameters asking for one output per request, at its end: generate() returns only
+    those, and the engine then skips a snapshot of every request at every step."""
+    copies: dict[int, SamplingParams] = {}
+    for p in params_list:
+        if id(p) not in copies:
+            copies[id(p)] = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+    return [copies[id(p)] for p in params_list]

@@ -99,7 +99,6 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
-        self._release_ending()
         budget = self._schedule_running(budget, scheduled, preempted)
         # After a preemption the cache is known to be short; admitting new work now
         # would only get it preempted next step.
@@ -117,46 +116,54 @@ class Scheduler:
             finished_ids=finished_ids,
         )
 
-    def _release_ending(self) -> None:
-        """Give back the blocks of requests whose in-flight token is their last, before anything is
-        allocated: the step writing their KV runs before any step that could reuse the blocks, and
-        the step after it would have freed them in synchronous scheduling too."""
-        ending = [r for r in self._running if r.num_pending_outputs and self._remaining(r) == 0]
+    def _remaining_of_running(self) -> list[tuple[int, int]]:
+        """(tokens each running request has once its in-flight samples are back, tokens left to compute).
+
+        A request whose in-flight token is its last (max_tokens or max_model_len reached) has nothing
+        left: its blocks go back now, before anything is allocated (the step writing their KV runs before
+        any step that could reuse them, and the step after it would have freed them in synchronous
+        scheduling too), and it finishes when the token arrives. One pass, inlined: this runs for every
+        running request every step.
+        """
+        max_len = self.config.max_model_len
+        counts: list[tuple[int, int]] = []
+        ending: list[Request] = []
+        for request in self._running:
+            pending, num_outputs = request.num_pending_outputs, len(request.output_token_ids)
+            total = len(request.prompt_token_ids) + num_outputs + pending
+            if pending and (num_outputs + pending >= request.sampling_params.max_tokens or total >= max_len):
+                ending.append(request)
+            else:
+                counts.append((total, total - request.num_computed_tokens))
         for request in ending:
             self._running.remove(request)
             self.kv_cache.free(request)
             self._ending.add(request.request_id)
+        return counts
 
     def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[Request]) -> int:
         # With chunked prefill off a request is only admitted with its whole prompt, so a
         # running request never has a prefill left that could need to wait here.
         # A prefill chunk leaves budget for the decodes behind it, so an older request's long
         # (re)prefill never starves the running decodes.
-        remaining_of = [self._remaining(r) for r in self._running]
-        decodes_after = _decodes_after(remaining_of)
+        counts = self._remaining_of_running()
+        decodes_after = _decodes_after([left for _, left in counts])
+        capacity = self.kv_cache.block_size
         i = 0
         while i < len(self._running) and budget > 0:
-            request, remaining = self._running[i], remaining_of[i]
+            request, (total, remaining) = self._running[i], counts[i]
             reserve = decodes_after[i] if remaining > 1 else 0
             i += 1
-            num_new = self._chunk(remaining, budget - reserve)
+            num_new = 1 if remaining == 1 else self._chunk(remaining, budget - reserve)  # a decode, or a prefill
             if num_new <= 0:
-                continue  # nothing to compute until its sampled token arrives, or it ends with that token
-            if not self._allocate_or_preempt(request, num_new, preempted):
+                continue  # nothing to compute until its sampled token arrives
+            start = request.num_computed_tokens
+            if (start + num_new > len(request.block_ids) * capacity  # its last block is full (the rare case)
+                    and not self._allocate_or_preempt(request, num_new, preempted)):
                 break  # it preempted itself, and it was the last one
-            scheduled.append(ScheduledRequest(request, num_new))
+            scheduled.append(ScheduledRequest(request, num_new, start, start + num_new >= total))
             budget -= num_new
         return budget
-
-    def _remaining(self, request: Request) -> int:
-        """Tokens of a running request left to compute; 0 when the token still in flight is its last
-        (max_tokens or max_model_len reached): a step for it would be thrown away."""
-        scheduled = request.num_scheduled_tokens
-        if request.num_pending_outputs and (
-                request.num_output_tokens + request.num_pending_outputs >= request.sampling_params.max_tokens
-                or scheduled >= self.config.max_model_len):
-            return 0
-        return scheduled - request.num_computed_tokens
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
         """Allocate for a running request, preempting newest-first until it fits.
@@ -219,8 +226,8 @@ class Scheduler:
         bisect.insort(self._running, request, key=lambda r: r.arrival_time)
 
     def _chunk(self, remaining: int, budget: int) -> int:
-        num_new = min(remaining, budget)
-        if self.config.enable_chunked_prefill and self.config.long_prefill_token_threshold > 0:
+        num_new = remaining if remaining < budget else budget
+        if num_new > 1 and self.config.enable_chunked_prefill and self.config.long_prefill_token_threshold > 0:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
 
@@ -252,9 +259,11 @@ class Scheduler:
         """Take in a step's sampled tokens (its KV was counted at schedule time); returns the requests
         finished by them."""
         finished: list[Request] = []
+        running, waiting, ending = RequestStatus.RUNNING, RequestStatus.WAITING, self._ending
+        max_len = self.config.max_model_len
         for item in output.scheduled:
             request = item.request
-            if request.is_finished:
+            if request.status is not running and request.status is not waiting:
                 continue  # aborted or stopped after it was scheduled: what the step computed is dropped
             token = None
             if item.samples:
@@ -266,22 +275,25 @@ class Scheduler:
                     # Appended also when the request was preempted after this step was scheduled: the
                     # token was sampled from its complete KV, and the recompute starts from it.
                     request.output_token_ids.append(token)
-            if request.status is RequestStatus.RUNNING and request.request_id not in self._ending:
+            if request.status is running and request.request_id not in ending:
                 self.kv_cache.cache_full_blocks(request)
-            status = self._stop_status(request, token) if token is not None else None
+            if token is None:
+                continue
+            num_outputs = len(request.output_token_ids)  # the checks of _stop_status, inlined for the common "no"
+            if (token not in request.stop_token_set and num_outputs < request.sampling_params.max_tokens
+                    and len(request.prompt_token_ids) + num_outputs < max_len):
+                continue
+            status = self._stop_status(request, token)
             if status is not None:
                 self.finish_request(request.request_id, status)
                 finished.append(request)
         return finished
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if request.num_output_tokens >= (params.min_tokens or 0):
-            if token in (params.stop_token_ids or ()):
-                return RequestStatus.FINISHED_STOPPED
-            if not params.ignore_eos and request.eos_token_id is not None and token == request.eos_token_id:
-                return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+        params, num_outputs = request.sampling_params, len(request.output_token_ids)
+        if token in request.stop_token_set and num_outputs >= params.min_tokens:
+            return RequestStatus.FINISHED_STOPPED
+        if num_outputs >= params.max_tokens or len(request.prompt_token_ids) + num_outputs >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

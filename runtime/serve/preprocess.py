@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.contracts.sampling_params import SamplingParams
+from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams
 from runtime.engine.async_engine import AsyncEngine
 from runtime.serve.errors import APIError, bad_request, from_sampling_error
 from runtime.serve.images import decode_images, image_placeholder
@@ -176,7 +176,9 @@ class Preprocessor:
                   "n": req.n, "seed": req.seed, "max_tokens": max_tokens, "min_tokens": req.min_tokens, "stop": req.stop,
                   "stop_token_ids": list(req.stop_token_ids or []), "ignore_eos": req.ignore_eos, "logprobs": logprobs,
                   "skip_special_tokens": req.skip_special_tokens,
-                  "include_stop_str_in_output": req.include_stop_str_in_output}
+                  "include_stop_str_in_output": req.include_stop_str_in_output,
+                  # A streamed reply sends every step's tokens; any other only the final output.
+                  "output_kind": RequestOutputKind.CUMULATIVE if req.stream else RequestOutputKind.FINAL_ONLY}
         try:
             return SamplingParams(**values)
         except ValueError as e:

@@ -17,33 +17,32 @@ class PersistentBlockTable:
     def __init__(self, num_rows: int, max_blocks_per_seq: int, device: torch.device) -> None:
         self.table = torch.zeros(num_rows, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.device = device
-        self._row_of: dict[str, int] = {}
-        self._written: dict[str, int] = {}  # blocks of the request already in its row
+        # request id -> [its row, how many of its blocks are in the row already]
+        self._rows: dict[str, list[int]] = {}
         self._free_rows = list(range(num_rows - 1, -1, -1))
 
     def release(self, request_ids: list[str]) -> None:
         """Requests finished or preempted (a preempted request comes back with new blocks)."""
         for request_id in request_ids:
-            row = self._row_of.pop(request_id, None)
-            if row is not None:
-                self._written.pop(request_id)
-                self._free_rows.append(row)
+            entry = self._rows.pop(request_id, None)
+            if entry is not None:
+                self._free_rows.append(entry[0])
 
     def rows(self, scheduled: list[ScheduledRequest]) -> list[int]:
         """Each scheduled request's row, after writing the blocks it gained since it was last seen."""
         rows, diff_rows, diff_cols, diff_blocks = [], [], [], []
-        for item in scheduled:
-            request_id, blocks = item.request.request_id, item.request.block_ids
-            row = self._row_of.get(request_id)
-            if row is None:
-                row = self._take_row(scheduled)
-                self._row_of[request_id], self._written[request_id] = row, 0
-            written = self._written[request_id]
+        for item in scheduled:  # runs for every request every step: one lookup, one comparison
+            request = item.request
+            entry = self._rows.get(request.request_id)
+            if entry is None:
+                entry = self._rows[request.request_id] = [self._take_row(scheduled), 0]
+            row, written = entry
+            blocks = request.block_ids
             if len(blocks) > written:
                 diff_rows.extend([row] * (len(blocks) - written))
                 diff_cols.extend(range(written, len(blocks)))
                 diff_blocks.extend(blocks[written:])
-                self._written[request_id] = len(blocks)
+                entry[1] = len(blocks)
             rows.append(row)
         if diff_rows:
             diff = torch.tensor([diff_rows, diff_cols, diff_blocks], dtype=torch.int64).to(self.device,
@@ -54,5 +53,5 @@ class PersistentBlockTable:
     def _take_row(self, scheduled: list[ScheduledRequest]) -> int:
         if not self._free_rows:  # rows of requests that ended without a release yet: drop all not in this step
             keep = {item.request.request_id for item in scheduled}
-            self.release([rid for rid in self._row_of if rid not in keep])
+            self.release([rid for rid in self._rows if rid not in keep])
         return self._free_rows.pop()

@@ -1,7 +1,9 @@
 """Turns a scheduler step into one model forward: inputs in persistent buffers, metadata, sampling."""
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -184,34 +186,50 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------
     def _host_step(self, scheduled: list[ScheduledRequest]) -> HostStep:
+        """The step's flat inputs. This loop runs for every request every step: a decode (one token)
+        takes the short branch, and a token still in flight is left to the device (``in_flight``)."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_lens, seq_lens = [], []
-        bs = self.block_size
+        bs, last_rows = self.block_size, self.last_sampled_rows
         in_flight: list[tuple[int, int]] = []
         for item in scheduled:
             req, start, num_new = item.request, item.start_pos, item.num_new_tokens
-            end, prompt_len, outputs, blocks = start + num_new, len(req.prompt_token_ids), req.output_token_ids, req.block_ids
-            known_end = min(end, prompt_len + len(outputs))
-            if num_new == 1 and start >= prompt_len:  # a decode: one token, no ranges to build (most rows)
-                ids.append(outputs[start - prompt_len] if start < known_end else 0)
-                positions.append(start)
-                slots.append(blocks[start // bs] * bs + start % bs)
-            else:
-                if start >= prompt_len:
-                    ids.extend(outputs[start - prompt_len:known_end - prompt_len])
-                else:
-                    ids.extend(req.all_token_ids[start:known_end])
-                if known_end < end:
+            prompt_len, outputs = len(req.prompt_token_ids), req.output_token_ids
+            if num_new == 1 and start >= prompt_len:  # a decode
+                if start - prompt_len < len(outputs):
+                    ids.append(outputs[start - prompt_len])
+                else:  # sampled by the step in flight
+                    in_flight.append((len(ids), last_rows.get(req.request_id, -1)))
                     ids.append(0)
-                positions.extend(range(start, end))
-                slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            if known_end < end:  # its last input token is the one the step in flight samples
-                in_flight.append((len(ids) - 1, self._last_sampled_row(req.request_id, end - known_end)))
+                positions.append(start)
+                slots.append(req.block_ids[start // bs] * bs + start % bs)
+            else:
+                self._add_range(ids, positions, slots, in_flight, req, start, start + num_new)
             query_lens.append(num_new)
-            seq_lens.append(end)
+            seq_lens.append(start + num_new)
+        if in_flight and min(row for _, row in in_flight) < 0:
+            _raise_not_in_flight(scheduled, last_rows)
         return HostStep(ids, positions, slots, self.block_table.rows(scheduled), query_lens, seq_lens, in_flight)
+
+    def _add_range(self, ids: list[int], positions: list[int], slots: list[int], in_flight: list[tuple[int, int]],
+                   req, start: int, end: int) -> None:
+        """Tokens [start, end) of a prefill (chunk) or recompute; the last may still be in flight."""
+        bs, prompt_len, outputs = self.block_size, len(req.prompt_token_ids), req.output_token_ids
+        known_end = min(end, prompt_len + len(outputs))
+        if start >= prompt_len:
+            ids.extend(outputs[start - prompt_len:known_end - prompt_len])
+        else:
+            ids.extend(req.all_token_ids[start:known_end])
+        if end - known_end > 1:
+            raise RuntimeError(f"request {req.request_id!r}: {end - known_end} input tokens not on the host "
+                               "(one step in flight at most)")
+        if known_end < end:
+            in_flight.append((len(ids), self.last_sampled_rows.get(req.request_id, -1)))
+            ids.append(0)
+        positions.extend(range(start, end))
+        slots.extend(req.block_ids[p // bs] * bs + p % bs for p in range(start, end))
 
     def _sampling_batch(self, requests: list, vocab_size: int, generators: dict[str, torch.Generator]) -> SamplingBatch:
         """The step's sampling parameters on the device. A decode step usually samples for the same requests
@@ -219,7 +237,7 @@ class ModelRunner:
         make it carry the token history, which grows every step."""
         last = self.last_sampling_batch
         if (last is not None and not last[1].any_penalties and len(last[0]) == len(requests)
-                and all(a is b for a, b in zip(last[0], requests))):
+                and all(map(operator.is_, last[0], requests))):
             return last[1]
         batch = SamplingBatch.build(
             [r.sampling_params for r in requests], [r.prompt_token_ids for r in requests],
@@ -227,13 +245,6 @@ class ModelRunner:
             [generators.get(r.request_id) for r in requests])
         self.last_sampling_batch = (requests, batch)
         return batch
-
-    def _last_sampled_row(self, request_id: str, missing: int) -> int:
-        row = self.last_sampled_rows.get(request_id)
-        if missing != 1 or row is None:
-            raise RuntimeError(f"request {request_id!r}: {missing} input token(s) not on the host, and the last "
-                               "step did not sample it (one step in flight at most)")
-        return row
 
     def _fill(self, host: HostStep, buf: InputBuffers, ubatch: int | None = None) -> tuple[AttentionMetadata, Dispatch]:
         """Copy a step's (or micro-batch's) inputs into ``buf``; its metadata and graph dispatch."""
@@ -246,16 +257,19 @@ class ModelRunner:
             starts[i + 1] = starts[i] + q
         # One host->device copy for the flat inputs (each copy from host memory costs the launching thread
         # more than a device-side copy does), spread into the persistent buffers on the device.
-        flat = torch.tensor(ids + positions + slots + seq_lens + starts + host.table_rows,
+        in_flight = [index for index, _ in host.in_flight] + [row for _, row in host.in_flight]
+        flat = torch.tensor(ids + positions + slots + seq_lens + starts + host.table_rows + in_flight,
                             dtype=torch.int64).to(self.device, non_blocking=True)
         buf.input_ids[:n].copy_(flat[:n])
         buf.positions[:n].copy_(flat[n:2 * n])
         buf.slot_mapping[:n].copy_(flat[2 * n:3 * n])
         buf.seq_lens[:s].copy_(flat[3 * n:3 * n + s])
         buf.query_start_loc[: s + 1].copy_(flat[3 * n + s:3 * n + 2 * s + 1])
-        torch.index_select(self.block_table.table, 0, flat[3 * n + 2 * s + 1:], out=buf.block_tables[:s])
-        if host.in_flight:
-            index, rows = torch.tensor(host.in_flight, dtype=torch.int64).to(self.device, non_blocking=True).unbind(1)
+        rows_at = 3 * n + 2 * s + 1  # then the requests' block table rows, then the in-flight indices
+        torch.index_select(self.block_table.table, 0, flat[rows_at:rows_at + s], out=buf.block_tables[:s])
+        if in_flight:  # tokens the step in flight samples, from its device output into their input rows
+            f = len(host.in_flight)
+            index, rows = flat[rows_at + s:rows_at + s + f], flat[rows_at + s + f:]
             buf.input_ids.index_copy_(0, index, self.last_sampled.index_select(0, rows))
         padded = dispatch.padded_tokens
         if padded > n:
@@ -274,15 +288,14 @@ class ModelRunner:
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
         return md, dispatch
 
-    def _forward_whole(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward over the step; hidden states and each request's last token row."""
+    def _forward_whole(self, host: HostStep) -> torch.Tensor:
+        """One forward over the step: hidden states in token order."""
         md, dispatch = self._fill(host, self.buffers)
         padded = dispatch.padded_tokens
         with self.graphs.forward_context(md, self.kv_caches, dispatch):
-            hidden = self.graphs.run(dispatch, self.buffers.input_ids[:padded], self.buffers.positions[:padded])
-        return hidden, md.query_start_loc[1:].long() - 1
+            return self.graphs.run(dispatch, self.buffers.input_ids[:padded], self.buffers.positions[:padded])
 
-    def _forward_dbo(self, host: HostStep, split: list[UBatchSlice]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_dbo(self, host: HostStep, split: list[UBatchSlice]) -> torch.Tensor:
         """Two micro-batches, each on its own stream (and, with collectives, its own thread, the two
         taking turns at every collective); hidden rows joined back in the step's token order
         (micro-batch 0 holds the first half of the flat tokens)."""
@@ -306,10 +319,9 @@ class ModelRunner:
             parts = run_in_turn(fns, self.ubatch_streams, ordered=ordered)
         self.dbo_steps += 1
         self.last_dbo_trace = trace
-        ends = torch.tensor(host.query_lens).cumsum(0) - 1
-        return torch.cat(parts), ends.to(self.device, non_blocking=True)
+        return torch.cat(parts)
 
-    def forward_step(self, host: HostStep) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_step(self, host: HostStep) -> torch.Tensor:
         """The model forward of a step, split into DBO micro-batches when it reaches a threshold
         (vision models are not split: their M-RoPE positions live in one step-wide buffer)."""
         split = plan_ubatches(host.query_lens, self.dbo) if self.dbo is not None and self.multimodal is None else None
@@ -323,12 +335,17 @@ class ModelRunner:
         host = self._host_step(output.scheduled)
         if self.multimodal is not None:  # vision models: M-RoPE positions, encoder runs, image rows (in place)
             self.multimodal.prepare(output.scheduled, len(host.ids))
-        hidden, last_token = self.forward_step(host)
+        hidden = self.forward_step(host)
         sampling = [item for item in output.scheduled if item.samples]
         if not sampling:
             return PendingStep.empty()
-        rows = torch.tensor([row for row, item in enumerate(output.scheduled) if item.samples])
-        logits = self.model.compute_logits(hidden[last_token[rows.to(self.device, non_blocking=True)]]).float()
+        if len(host.ids) == len(sampling):  # every request decodes one token: its row is its last
+            last_hidden = hidden[:len(sampling)]
+        else:  # the last token row of each sampling request (prefill chunks may sample nothing yet)
+            ends = itertools.accumulate(host.query_lens)
+            rows = [end - 1 for end, item in zip(ends, output.scheduled) if item.samples]
+            last_hidden = hidden[torch.tensor(rows).to(self.device, non_blocking=True)]
+        logits = self.model.compute_logits(last_hidden).float()
         requests = [item.request for item in sampling]
         _suppress_stop_tokens_before_min(logits, sampling)
         result = self.sampler(logits, self._sampling_batch(requests, logits.shape[-1], generators))
@@ -337,20 +354,28 @@ class ModelRunner:
         return PendingStep.start(requests, result)
 
 
+def _raise_not_in_flight(scheduled: list[ScheduledRequest], sampled_last: dict[str, int]) -> None:
+    missing = [item.request.request_id for item in scheduled
+               if item.start_pos + item.num_new_tokens > item.request.num_tokens
+               and item.request.request_id not in sampled_last]
+    raise RuntimeError(f"requests {missing}: an input token is not on the host, and the last step did not sample "
+                       "it (one step in flight at most)")
+
+
 def _suppress_stop_tokens_before_min(logits: torch.Tensor, sampling: list[ScheduledRequest]) -> None:
     """A request below its min_tokens must not sample EOS or a stop token id (one masked write for the
     whole step, its indices copied without making the host wait)."""
     rows: list[int] = []
     tokens: list[int] = []
     for row, item in enumerate(sampling):
-        req, params = item.request, item.request.sampling_params
+        req = item.request
+        min_tokens = req.sampling_params.min_tokens
+        if not min_tokens:
+            continue  # most requests
         # Output tokens before this step's: its last input position is the last of them (also while the
         # one before is still in flight, and during a recompute after preemption).
-        num_outputs = item.start_pos + item.num_new_tokens - len(req.prompt_token_ids)
-        if params.min_tokens and num_outputs < params.min_tokens:
-            banned = list(params.stop_token_ids or [])
-            if req.eos_token_id is not None and not params.ignore_eos:
-                banned.append(req.eos_token_id)
+        if item.start_pos + item.num_new_tokens - len(req.prompt_token_ids) < min_tokens:
+            banned = sorted(req.stop_token_set)
             rows.extend([row] * len(banned))
             tokens.extend(banned)
     if rows:

@@ -90,10 +90,7 @@ class SamplingBatch:
 
         greedy = [p.greedy for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-        any_penalties = any(
-            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-            for p in params
-        )
+        any_penalties = any(p.has_penalties for p in params)
         requested = [p.logprobs for p in params if p.logprobs is not None]
         floats = on_device([[1.0 if g else p.temperature for p, g in zip(params, greedy)], [p.top_p for p in params],
                             [p.min_p for p in params], [p.repetition_penalty for p in params],

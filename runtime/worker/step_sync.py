@@ -87,7 +87,5 @@ class StepDecoder:
             if len(req.output_token_ids) != delta.num_outputs:
                 raise RuntimeError(f"worker mirror of request {delta.request_id!r} is out of sync")
             req.num_computed_tokens = delta.start_pos
-            item = ScheduledRequest(req, delta.num_new_tokens)
-            item.start_pos, item._samples = delta.start_pos, delta.samples
-            scheduled.append(item)
+            scheduled.append(ScheduledRequest(req, delta.num_new_tokens, delta.start_pos, delta.samples))
         return SchedulerOutput(scheduled, message.preempted_ids, message.finished_ids)
