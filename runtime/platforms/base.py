@@ -35,6 +35,9 @@ class Platform:
     supports_static_graphs: bool = False
     # Whether peak device memory of a dummy step can be measured (sizes the KV cache from it).
     supports_memory_profiling: bool = False
+    # Whether host memory can be pinned (page-locked): copies between it and the device are then
+    # asynchronous to the host, where a copy from pageable memory may wait for the device's queue.
+    pins_host_memory: bool = False
 
     @classmethod
     def is_available(cls) -> bool:
@@ -129,7 +132,13 @@ class Platform:
 
     def host_buffer(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Host memory a device->host copy can land in without blocking the host (pinned, where it exists)."""
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pins_host_memory)
+
+    def to_device(self, values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Host values (a list, nested lists) on the device without the host waiting for the device:
+        staged in pinned memory where there is some. From pageable memory the driver may synchronize with
+        the stream before it copies, which made every step's input copy wait for the step in flight."""
+        return torch.tensor(values, dtype=dtype, pin_memory=self.pins_host_memory).to(device, non_blocking=True)
 
     def configure_process(self) -> None:
         """One-time, per-process settings (threads and the like) before a model runs."""

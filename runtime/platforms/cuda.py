@@ -21,6 +21,7 @@ class CudaPlatform(Platform):
     dist_backend = "nccl"
     supports_static_graphs = True
     supports_memory_profiling = True
+    pins_host_memory = True
 
     @classmethod
     def is_available(cls) -> bool:
@@ -94,9 +95,6 @@ class CudaPlatform(Platform):
             yield
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-
-    def host_buffer(self, shape: Any, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def device_name(self) -> str:
         return torch.cuda.get_device_name()

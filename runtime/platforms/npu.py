@@ -56,6 +56,7 @@ class NpuPlatform(Platform):
     dist_backend = "hccl"
     supports_static_graphs = True
     supports_memory_profiling = True
+    pins_host_memory = True
     supports_streams = True
     extra_compile_backends = tuple(TORCHAIR_MODES)
 
@@ -151,9 +152,6 @@ class NpuPlatform(Platform):
     @property
     def async_scheduling_default(self) -> bool:
         return True
-
-    def host_buffer(self, shape: Any, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def device_name(self) -> str:
         return torch.npu.get_device_name()

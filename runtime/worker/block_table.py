@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from runtime.contracts.scheduler_output import ScheduledRequest
+from runtime.platforms import current_platform
 
 
 class PersistentBlockTable:
@@ -45,8 +46,7 @@ class PersistentBlockTable:
                 entry[1] = len(blocks)
             rows.append(row)
         if diff_rows:
-            diff = torch.tensor([diff_rows, diff_cols, diff_blocks], dtype=torch.int64).to(self.device,
-                                                                                         non_blocking=True)
+            diff = current_platform.to_device([diff_rows, diff_cols, diff_blocks], torch.int64, self.device)
             self.table[diff[0], diff[1]] = diff[2].to(torch.int32)
         return rows
 

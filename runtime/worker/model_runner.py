@@ -258,8 +258,8 @@ class ModelRunner:
         # One host->device copy for the flat inputs (each copy from host memory costs the launching thread
         # more than a device-side copy does), spread into the persistent buffers on the device.
         in_flight = [index for index, _ in host.in_flight] + [row for _, row in host.in_flight]
-        flat = torch.tensor(ids + positions + slots + seq_lens + starts + host.table_rows + in_flight,
-                            dtype=torch.int64).to(self.device, non_blocking=True)
+        flat = current_platform.to_device(ids + positions + slots + seq_lens + starts + host.table_rows + in_flight,
+                                          torch.int64, self.device)
         buf.input_ids[:n].copy_(flat[:n])
         buf.positions[:n].copy_(flat[n:2 * n])
         buf.slot_mapping[:n].copy_(flat[2 * n:3 * n])
@@ -344,7 +344,7 @@ class ModelRunner:
         else:  # the last token row of each sampling request (prefill chunks may sample nothing yet)
             ends = itertools.accumulate(host.query_lens)
             rows = [end - 1 for end, item in zip(ends, output.scheduled) if item.samples]
-            last_hidden = hidden[torch.tensor(rows).to(self.device, non_blocking=True)]
+            last_hidden = hidden[current_platform.to_device(rows, torch.int64, self.device)]
         logits = self.model.compute_logits(last_hidden).float()
         requests = [item.request for item in sampling]
         _suppress_stop_tokens_before_min(logits, sampling)
@@ -379,5 +379,5 @@ def _suppress_stop_tokens_before_min(logits: torch.Tensor, sampling: list[Schedu
             rows.extend([row] * len(banned))
             tokens.extend(banned)
     if rows:
-        index = torch.tensor([rows, tokens], dtype=torch.int64).to(logits.device, non_blocking=True)
+        index = current_platform.to_device([rows, tokens], torch.int64, logits.device)
         logits[index[0], index[1]] = float("-inf")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from runtime.contracts.sampling_params import SamplingParams
+from runtime.platforms import current_platform
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -31,7 +32,7 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 def _pad(rows: list[list[int]], pad: int, device: torch.device) -> Tensor:
     width = max((len(r) for r in rows), default=0)
     padded = [r + [pad] * (width - len(r)) for r in rows]
-    return torch.tensor(padded, dtype=torch.int64).reshape(len(rows), width).to(device, non_blocking=True)
+    return current_platform.to_device(padded, torch.int64, device).reshape(len(rows), width)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class SamplingBatch:
         def on_device(values: list, dtype: torch.dtype) -> Tensor:
             # Built on the host and copied without making the host wait for the device (the async
             # scheduling launch path must never wait; tests/gpu/test_async_scheduling_gpu.py).
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return current_platform.to_device(values, dtype, device)
 
         greedy = [p.greedy for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]

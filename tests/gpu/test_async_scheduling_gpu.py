@@ -47,10 +47,16 @@ def test_launch_path_never_waits_for_the_device(random_qwen3):
     for _ in range(5):  # prefill and the first decode steps
         core.step()
     steps = 0
-    while core.has_unfinished_requests() and steps < 50:
-        core.step()
-        steps += 1
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        while core.has_unfinished_requests() and steps < 50:
+            core.step()
+            steps += 1
+        torch.cuda.synchronize()
     assert steps == 50
+    # A copy from pageable host memory may wait for the stream (the driver stages it): the sync debug mode
+    # does not see that wait, the copy's name in the trace does.
+    pageable = sorted({e.name for e in prof.events() if "Pageable" in e.name})
+    assert not pageable, f"host->device copies from pageable memory on the launch path: {pageable}"
 
 
 def _run(llm: LLM, work) -> dict[str, list[int]]:
@@ -81,11 +87,19 @@ def test_async_gives_the_tokens_of_sync_with_graphs(random_qwen3):
 
 
 def test_smollm2_bf16_async_matches_sync(smollm2_path):
-    loaded = load_model(smollm2_path, dtype="bfloat16", device="cuda")
+    """Stop strings end requests on the host: async scheduling has already launched the step after the stop
+    with the request in it (its token is dropped), so that step's batch is one larger than sync's. In bf16
+    the batch size picks the GEMM kernels, hence the rounding: to compare tokens exactly, every decode step
+    runs the one full graph of 16 rows (all requests are admitted in the first step), whose rows do not
+    depend on each other."""
+    comp = CompilationConfig.from_dict({**GRAPHS, "capture_sizes": [16]})
+    loaded = load_model(smollm2_path, dtype="bfloat16", device="cuda", compilation_config=comp)
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at"] * 4
     params = [SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, stop=["\n\n"]) for i in range(len(prompts))]
     outs = {}
     for mode in (False, True):
-        llm = LLM.from_loaded(loaded, async_scheduling=mode, max_num_seqs=8, max_model_len=512)
+        llm = LLM.from_loaded(loaded, async_scheduling=mode, max_num_seqs=16, max_model_len=512)
         outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert outs[True] == outs[False]
+    differ = [(i, outs[False][i], outs[True][i]) for i in range(len(prompts)) if outs[False][i] != outs[True][i]]
+    assert not differ, f"sync vs async differ: {differ[:3]}"
+    assert any(len(t) < 8 + 3 * i for i, t in enumerate(outs[True])), "no request stopped on its stop string"
