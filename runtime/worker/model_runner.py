@@ -340,12 +340,14 @@ class ModelRunner:
         if not sampling:
             return PendingStep.empty()
         if len(host.ids) == len(sampling):  # every request decodes one token: its row is its last
-            last_hidden = hidden[:len(sampling)]
+            # Over the rows the graph ran, padding included: the lm_head GEMM then has one M per graph
+            # size (hence one kernel, one rounding), however many of its rows are live this step.
+            logits = self.model.compute_logits(hidden)[:len(sampling)]
         else:  # the last token row of each sampling request (prefill chunks may sample nothing yet)
             ends = itertools.accumulate(host.query_lens)
             rows = [end - 1 for end, item in zip(ends, output.scheduled) if item.samples]
             last_hidden = hidden[current_platform.to_device(rows, torch.int64, self.device)]
-        logits = self.model.compute_logits(last_hidden).float()
+            logits = self.model.compute_logits(last_hidden)
         requests = [item.request for item in sampling]
         _suppress_stop_tokens_before_min(logits, sampling)
         result = self.sampler(logits, self._sampling_batch(requests, logits.shape[-1], generators))

@@ -242,6 +242,10 @@ class Sampler(torch.nn.Module):
         return shape_logits(logits, batch)
 
     def forward(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if batch.all_greedy and not batch.any_penalties and batch.max_num_logprobs is None:
+            # The argmax of the model's dtype is the float32 one (the cast is exact and keeps the order):
+            # no float copy of every row's logits on the decode path.
+            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1))
         # .float() may alias the caller's tensor; every stage below is out-of-place.
         raw = logits.float()
         penalised = apply_penalties(raw, batch) if batch.any_penalties else raw
