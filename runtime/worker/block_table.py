@@ -46,7 +46,7 @@ class PersistentBlockTable:
                 entry[1] = len(blocks)
             rows.append(row)
         if diff_rows:
-            diff = current_platform.to_device([diff_rows, diff_cols, diff_blocks], torch.int64, self.device)
+            diff = current_platform.to_device(diff_rows + diff_cols + diff_blocks, torch.int64, self.device).view(3, -1)
             self.table[diff[0], diff[1]] = diff[2].to(torch.int32)
         return rows
 
