@@ -16,7 +16,9 @@ from runtime.platforms import current_platform
 
 class PersistentBlockTable:
     def __init__(self, num_rows: int, max_blocks_per_seq: int, device: torch.device) -> None:
-        self.table = torch.zeros(num_rows, max_blocks_per_seq, dtype=torch.int32, device=device)
+        # One row more than requests get: it stays zero, for a full graph's padded sequence rows.
+        self.table = torch.zeros(num_rows + 1, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.zero_row = num_rows
         self.device = device
         # request id -> [its row, how many of its blocks are in the row already]
         self._rows: dict[str, list[int]] = {}

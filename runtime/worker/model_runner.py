@@ -57,12 +57,14 @@ class InputBuffers:
     """Device tensors sized for the largest step, refilled in place every step (stable addresses)."""
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
-        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
+        # Per-token and per-sequence inputs are rows of one tensor each: a step's inputs land in two
+        # copies from its flat host->device copy, not five (each a launch, and a gap on the device).
+        self.token_rows = torch.zeros(3, max_tokens, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.token_rows.unbind(0)
+        self.slot_mapping.fill_(-1)
+        self.seq_rows = torch.zeros(2, max_seqs + 1, dtype=torch.int32, device=device)
+        self.seq_lens, self.query_start_loc = self.seq_rows[0, :max_seqs], self.seq_rows[1]
         self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
 
 
 class ModelRunner:
@@ -248,39 +250,36 @@ class ModelRunner:
 
     def _fill(self, host: HostStep, buf: InputBuffers, ubatch: int | None = None) -> tuple[AttentionMetadata, Dispatch]:
         """Copy a step's (or micro-batch's) inputs into ``buf``; its metadata and graph dispatch."""
-        ids, positions, slots = host.ids, host.positions, host.slots
         query_lens, seq_lens, bs = host.query_lens, host.seq_lens, self.block_size
-        n, s = len(ids), len(query_lens)
+        n, s = len(host.ids), len(query_lens)
         dispatch = self.graphs.plan(n, max(query_lens) == 1, ubatch)
+        padded = dispatch.padded_tokens
+        # A full graph's kernels read one sequence row per token: padded rows get length 0 (no blocks).
+        seq_rows = padded if dispatch.mode == "full" and padded > s else s
+        pad, pad_seqs = padded - n, seq_rows - s
         starts = [0] * (s + 1)
         for i, q in enumerate(query_lens):
             starts[i + 1] = starts[i] + q
-        # One host->device copy for the flat inputs (each copy from host memory costs the launching thread
-        # more than a device-side copy does), spread into the persistent buffers on the device.
-        in_flight = [index for index, _ in host.in_flight] + [row for _, row in host.in_flight]
-        flat = current_platform.to_device(ids + positions + slots + seq_lens + starts + host.table_rows + in_flight,
-                                          torch.int64, self.device)
-        buf.input_ids[:n].copy_(flat[:n])
-        buf.positions[:n].copy_(flat[n:2 * n])
-        buf.slot_mapping[:n].copy_(flat[2 * n:3 * n])
-        buf.seq_lens[:s].copy_(flat[3 * n:3 * n + s])
-        buf.query_start_loc[: s + 1].copy_(flat[3 * n + s:3 * n + 2 * s + 1])
-        rows_at = 3 * n + 2 * s + 1  # then the requests' block table rows, then the in-flight indices
-        torch.index_select(self.block_table.table, 0, flat[rows_at:rows_at + s], out=buf.block_tables[:s])
-        if in_flight:  # tokens the step in flight samples, from its device output into their input rows
-            f = len(host.in_flight)
-            index, rows = flat[rows_at + s:rows_at + s + f], flat[rows_at + s + f:]
+        # One host->device copy for the flat inputs, padding included (padded rows write nowhere: slot
+        # -1), spread into the persistent buffers by two copies and a gather of block-table rows.
+        in_flight_index, in_flight_rows = [index for index, _ in host.in_flight], [row for _, row in host.in_flight]
+        flat = current_platform.to_device(
+            host.ids + [0] * pad + host.positions + [0] * pad + host.slots + [-1] * pad
+            + seq_lens + [0] * (pad_seqs + 1) + starts + [n] * pad_seqs
+            + host.table_rows + [self.block_table.zero_row] * pad_seqs + in_flight_index + in_flight_rows,
+            torch.int64, self.device)
+        buf.token_rows[:, :padded].copy_(flat[:3 * padded].view(3, padded))
+        at = 3 * padded
+        buf.seq_rows[:, :seq_rows + 1].copy_(flat[at:at + 2 * (seq_rows + 1)].view(2, seq_rows + 1))
+        at += 2 * (seq_rows + 1)
+        torch.index_select(self.block_table.table, 0, flat[at:at + seq_rows], out=buf.block_tables[:seq_rows])
+        f = len(in_flight_index)
+        if f and in_flight_index[-1] == f - 1 and in_flight_index == in_flight_rows:
+            # A steady decode batch: token i is request i's, sampled into row i by the step in flight.
+            buf.input_ids[:f].copy_(self.last_sampled[:f])
+        elif f:  # tokens the step in flight samples, from its device output into their input rows
+            index, rows = flat[at + seq_rows:at + seq_rows + f], flat[at + seq_rows + f:]
             buf.input_ids.index_copy_(0, index, self.last_sampled.index_select(0, rows))
-        padded = dispatch.padded_tokens
-        if padded > n:
-            buf.slot_mapping[n:padded].fill_(-1)  # padded rows write nowhere
-        seq_rows = s
-        if dispatch.mode == "full" and padded > s:
-            # A full graph's kernels read one sequence row per token: padded rows get length 0.
-            buf.seq_lens[s:padded].zero_()
-            buf.block_tables[s:padded].zero_()
-            buf.query_start_loc[s + 1: padded + 1].fill_(n)
-            seq_rows = padded
         md = AttentionMetadata(
             slot_mapping=buf.slot_mapping[:padded], block_tables=buf.block_tables[:seq_rows],
             seq_lens=buf.seq_lens[:seq_rows], query_start_loc=buf.query_start_loc[: seq_rows + 1],

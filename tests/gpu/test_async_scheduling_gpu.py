@@ -98,7 +98,8 @@ def test_smollm2_bf16_async_matches_sync(smollm2_path):
     params = [SamplingParams(temperature=0.0, max_tokens=8 + 3 * i, stop=["\n\n"]) for i in range(len(prompts))]
     outs = {}
     for mode in (False, True):
-        llm = LLM.from_loaded(loaded, async_scheduling=mode, max_num_seqs=16, max_model_len=512)
+        # A small fixed KV cache: the first engine's must not leave the second none (both live until gc).
+        llm = LLM.from_loaded(loaded, async_scheduling=mode, max_num_seqs=16, max_model_len=512, kv_cache_memory_gb=1)
         outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     differ = [(i, outs[False][i], outs[True][i]) for i in range(len(prompts)) if outs[False][i] != outs[True][i]]
     assert not differ, f"sync vs async differ: {differ[:3]}"
