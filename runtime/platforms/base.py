@@ -139,10 +139,11 @@ class Platform:
         """Host values (a list, nested lists) on the device without the host waiting for the device:
         staged in pinned memory where there is some. From pageable memory the driver may synchronize with
         the stream before it copies, which made every step's input copy wait for the step in flight."""
-        host = host_tensor(values, dtype)
-        if self.pins_host_memory:
-            host = host.pin_memory()
-        return host.to(device, non_blocking=True)
+        return self.pinned(host_tensor(values, dtype)).to(device, non_blocking=True)
+
+    def pinned(self, host: torch.Tensor) -> torch.Tensor:
+        """``host`` in pinned memory where there is some, so a non-blocking copy from it never waits."""
+        return host.pin_memory() if self.pins_host_memory else host
 
     def configure_process(self) -> None:
         """One-time, per-process settings (threads and the like) before a model runs."""

@@ -21,6 +21,7 @@ import torch
 
 from compiler.config import CompilationConfig
 from models.qwen2_vl_processing import MultimodalPrompt, Qwen2VLInputProcessor
+from runtime.platforms import current_platform
 from runtime.worker.encoder_runner import EncoderRunner
 
 logger = logging.getLogger(__name__)
@@ -55,10 +56,11 @@ class MultimodalRunner:
                 self._image_rows(req, mm, start, end, offset, rows, embeds)
             offset += end - start
         buffers = self.buffers
-        buffers.mrope_positions(num_tokens).copy_(torch.cat(positions, dim=1), non_blocking=True)
+        host_positions = current_platform.pinned(torch.cat(positions, dim=1))  # pageable would wait for the device
+        buffers.mrope_positions(num_tokens).copy_(host_positions, non_blocking=True)
         buffers.is_image[:num_tokens].fill_(False)
         if rows:
-            index = torch.cat(rows).to(self.device)
+            index = current_platform.pinned(torch.cat(rows)).to(self.device, non_blocking=True)
             buffers.is_image[index] = True
             buffers.image_embeds[index] = torch.cat(embeds).to(buffers.image_embeds.dtype)
 
