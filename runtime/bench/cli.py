@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="measure synchronous and async scheduling side by side on each engine")
         s.add_argument("--dbo", action="store_true",
                        help="measure every config with dual-batch overlap off and on, side by side on one "
-                            "engine (started with DBO; switched per measurement)")
+                            "engine (started with DBO; switched per measurement). On one device DBO stays "
+                            "off by policy (nothing to overlap): both rows then run unsplit")
+        s.add_argument("--force-dbo", action="store_true",
+                       help="with --dbo: split steps even on one device (measures DBO's own cost)")
         s.add_argument("--dbo-decode-token-threshold", type=int, default=EngineConfig.dbo_decode_token_threshold,
                        help="with --dbo: split decode-only steps of at least this many tokens")
         s.add_argument("--dbo-prefill-token-threshold", type=int, default=EngineConfig.dbo_prefill_token_threshold,

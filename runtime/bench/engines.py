@@ -104,7 +104,8 @@ def variants(args: argparse.Namespace) -> list[tuple[str, CompilationConfig, dic
     so both sit side by side on the same compiled model, graphs and workers."""
     if not args.dbo:
         return [(name, compilation, {}, [None]) for name, compilation in named_configs(args)]
-    dbo = {"enable_dbo": True, "dbo_decode_token_threshold": args.dbo_decode_token_threshold,
+    dbo = {"enable_dbo": True, "force_dbo": args.force_dbo,
+           "dbo_decode_token_threshold": args.dbo_decode_token_threshold,
            "dbo_prefill_token_threshold": args.dbo_prefill_token_threshold}
     return [(name, compilation, dbo, [False, True]) for name, compilation in named_configs(args)]
 

@@ -52,6 +52,9 @@ class EngineConfig:
     # Dual-batch overlap: split a step into two micro-batches once it has at least this many tokens
     # (runtime/ubatching.py); decode-only steps and steps with a prefill have separate thresholds.
     enable_dbo: bool = False
+    # DBO pays only where a collective (TP all-reduce, MoE combine) can hide behind the other micro-batch's
+    # compute: on one device it stays off even when enabled, unless forced (tests; measuring its own cost).
+    force_dbo: bool = False
     dbo_decode_token_threshold: int = 32
     dbo_prefill_token_threshold: int = 512
 
@@ -88,15 +91,23 @@ class EngineConfig:
         for name in ("dbo_decode_token_threshold", "dbo_prefill_token_threshold"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 2:
                 raise ValueError(f"{name} must be an integer >= 2, got {getattr(self, name)!r}")
+        if self.force_dbo and not self.enable_dbo:
+            raise ValueError("force_dbo=True needs enable_dbo=True")
         self.parallel_config()  # validates tensor_parallel_size
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
             raise ValueError("enable_expert_parallel needs tensor_parallel_size >= 2")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
+    @property
+    def dbo_active(self) -> bool:
+        """Steps are split into micro-batches: DBO enabled, and either the forward communicates or DBO is
+        forced (with nothing to overlap, two half-size forwards cost more than one)."""
+        return self.enable_dbo and (self.communicates or self.force_dbo)
+
     def dbo_thresholds(self) -> DBOThresholds | None:
-        """The DBO split thresholds, or None when dual-batch overlap is off."""
-        if not self.enable_dbo:
+        """The DBO split thresholds, or None when dual-batch overlap is off (not enabled, or off by policy)."""
+        if not self.dbo_active:
             return None
         return DBOThresholds(self.dbo_decode_token_threshold, self.dbo_prefill_token_threshold)
 

@@ -91,8 +91,9 @@ class EngineCore:
         by the workers."""
         self.config = config
         if config.enable_dbo and not config.communicates:
-            logger.warning("DBO on one device: there is no communication to overlap, so the two micro-batches "
-                           "only add work (each reads all weights; docs/perf.md measures the cost)")
+            logger.warning("DBO %s on one device: there is no communication to overlap, so two micro-batches only "
+                           "add work (each reads all weights; docs/perf.md measures the cost)%s",
+                           *(("forced", "") if config.force_dbo else ("off", "; force_dbo=True splits anyway")))
         # The config, the tokenizer and (in this process) the weights share one parse of a GGUF file.
         with gguf_parsed_once():
             if loaded is not None:
@@ -193,7 +194,10 @@ class EngineCore:
 
     def set_dbo(self, enabled: bool) -> None:
         """Switch DBO micro-batching on or off for later steps (the engine must start with
-        ``enable_dbo=True``: the micro-batch slots and their graphs are built at start-up)."""
+        ``enable_dbo=True``: the micro-batch slots and their graphs are built at start-up). Where the
+        policy keeps DBO off (one device, not forced), switching it on leaves it off."""
+        if enabled and self.config.enable_dbo and not self.config.dbo_active:
+            return
         self.executor.call_workers("set_dbo", enabled)
 
     def shutdown(self) -> None:

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "off under tensor parallelism)")
     p.add_argument("--dbo", action="store_true",
                    help="dual-batch overlap: split large steps into two micro-batches whose communication "
-                        "overlaps the other's compute (pays off with tensor/expert parallelism)")
+                        "overlaps the other's compute (with tensor/expert parallelism; on one device it "
+                        "stays off, as there is nothing to overlap)")
     p.add_argument("--dbo-decode-token-threshold", type=int, default=32,
                    help="with --dbo: split decode-only steps of at least this many tokens (default: %(default)s)")
     p.add_argument("--dbo-prefill-token-threshold", type=int, default=512,

@@ -42,7 +42,7 @@ def results(smollm2_path):
             loaded = load_model(smollm2_path, dtype="float32", device="cuda",
                                 compilation_config=CompilationConfig(**cfg))
             llm = LLM.from_loaded(loaded, max_num_seqs=16, max_model_len=512, max_num_batched_tokens=256,
-                                  num_kv_blocks=512, enable_dbo=dbo, dbo_decode_token_threshold=8,
+                                  num_kv_blocks=512, enable_dbo=dbo, force_dbo=dbo, dbo_decode_token_threshold=8,
                                   dbo_prefill_token_threshold=32)
             captured = counters.graphs_captured
             prompts, params = _workload(loaded.config.vocab_size)

@@ -32,14 +32,18 @@ INVOCATIONS = {
                             "--backend", "eager", "--capture-sizes", "1", "2", "4", "--count-kernels",
                             "--max-num-batched-tokens", "64", "--log-level", "ERROR", "--json", "{json}",
                             "--profile", "{profile}", *TINY_LATENCY],
-    "latency_tp_dbo": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo",
+    "latency_tp_dbo": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo", "--force-dbo",
                        "--dbo-decode-token-threshold", "4", "--dbo-prefill-token-threshold", "16",
                        "--batch-sizes", "4", "8", "--tensor-parallel-size", "2", "--json", "{json}", *TINY_LATENCY],
+    "latency_dbo_one_device": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo",
+                               "--dbo-decode-token-threshold", "2", "--batch-sizes", "4", "--json", "{json}",
+                               *TINY_LATENCY],
     "latency_moe_ep": ["latency", "--model", "{moe}", "--dtype", "float32", "--batch-sizes", "2",
                        "--tensor-parallel-size", "2", "--enable-expert-parallel", "--json", "{json}", *TINY_LATENCY],
     "throughput_dbo": ["throughput", "--model", "{llama}", "--dtype", "float32", "--num-requests", "6",
                        "--input-len", "8", "--output-len", "4", "--max-num-seqs", "4", "--max-num-batched-tokens",
-                       "64", "--kv-cache-memory-gb", "0.05", "--dbo", "--dbo-decode-token-threshold", "2",
+                       "64", "--kv-cache-memory-gb", "0.05", "--dbo", "--force-dbo",
+                       "--dbo-decode-token-threshold", "2",
                        "--dbo-prefill-token-threshold", "8", "--config", f"compiled={COMPILED}", "--backend",
                        "eager", "--graph-mode", "piecewise", "--capture-sizes", "1", "2", "4", "--json", "{json}"],
     "throughput_tp": ["throughput", "--model", "{moe}", "--dtype", "float32", "--num-requests", "4",
@@ -130,6 +134,13 @@ def test_latency_of_an_moe_model_with_expert_parallelism(checkpoints, tmp_path, 
     rows, printed = _run("latency_moe_ep", checkpoints, tmp_path, capsys)
     _check_schema(rows, LATENCY_COLUMNS, printed)
     assert [(r["config"], r["tp"]) for r in rows] == [("eager", 2)]
+
+
+def test_dbo_on_one_device_stays_off_by_policy_and_both_rows_run_unsplit(checkpoints, tmp_path, capsys, caplog):
+    rows, _ = _run("latency_dbo_one_device", checkpoints, tmp_path, capsys)
+    assert [r["config"] for r in rows] == ["eager,dbo=off", "eager,dbo=on"]
+    assert [r["dbo_steps"] for r in rows] == [0, 0]
+    assert any("DBO off on one device" in r.getMessage() for r in caplog.records)
 
 
 def test_throughput_with_dbo_and_a_graph_mode(checkpoints, tmp_path, capsys):

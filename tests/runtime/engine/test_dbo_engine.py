@@ -17,7 +17,7 @@ PROMPTS = [list(range(30, 90)), [5, 9, 13, 2, 77], list(range(100, 140)), [101]]
 
 def _generate(loaded, dbo, record=None):
     llm = LLM.from_loaded(loaded, max_num_seqs=32, max_model_len=128, num_kv_blocks=256, max_num_batched_tokens=64,
-                          enable_dbo=dbo, dbo_decode_token_threshold=8, dbo_prefill_token_threshold=16)
+                          enable_dbo=dbo, force_dbo=dbo, dbo_decode_token_threshold=8, dbo_prefill_token_threshold=16)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     runner = llm.engine.executor.worker.runner
     assert llm.engine.kv_cache.num_used_blocks == 0
@@ -51,13 +51,34 @@ def test_dbo_on_and_off_give_identical_greedy_tokens(tmp_path, monkeypatch, arch
     assert any(s[0].rows.stop - 1 == s[1].rows.start for s in done)
 
 
+def test_dbo_on_one_device_is_off_by_policy_unless_forced(tmp_path, caplog):
+    """With nothing communicating, two micro-batches only add work: enable_dbo alone splits nothing (one log
+    line says so, and switching it on leaves it off); force_dbo splits; force_dbo alone is an error."""
+    path = write_tiny_checkpoint("LlamaForCausalLM", str(tmp_path / "ckpt"))
+    loaded = load_model(path, dtype="float32", device="cpu")
+    with caplog.at_level("WARNING", logger="runtime.engine.core"):
+        llm = LLM.from_loaded(loaded, max_num_seqs=32, max_model_len=128, num_kv_blocks=256, max_num_batched_tokens=64,
+                              enable_dbo=True, dbo_decode_token_threshold=8, dbo_prefill_token_threshold=16)
+    dbo_lines = [r.getMessage() for r in caplog.records if "DBO" in r.getMessage()]
+    assert len(dbo_lines) == 1 and dbo_lines[0].startswith("DBO off on one device")
+    assert llm.engine.config.dbo_thresholds() is None
+    llm.engine.set_dbo(True)
+    unsplit = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert llm.engine.executor.worker.runner.dbo_steps == 0
+    record = {}
+    assert _generate(loaded, dbo=True, record=record) == unsplit
+    assert record["dbo_steps"] > 0
+    with pytest.raises(ValueError, match="force_dbo=True needs enable_dbo=True"):
+        LLM.from_loaded(loaded, max_num_seqs=4, max_model_len=32, num_kv_blocks=16, force_dbo=True)
+
+
 def test_dbo_on_smollm2_matches_off(smollm2, smollm2_tokenizer):
     prompts = [smollm2_tokenizer.encode(p) for p in ["The capital of France is", "def add(a, b):",
                                                       "Once upon a time" * 6, "1 2 3"]] * 3
     runs = []
     for dbo in (False, True):
         llm = LLM.from_loaded(smollm2, max_num_seqs=16, max_model_len=128, num_kv_blocks=128,
-                              max_num_batched_tokens=48, enable_dbo=dbo, dbo_decode_token_threshold=4,
+                              max_num_batched_tokens=48, enable_dbo=dbo, force_dbo=dbo, dbo_decode_token_threshold=4,
                               dbo_prefill_token_threshold=16)
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)])
         assert (llm.engine.executor.worker.runner.dbo_steps > 0) == dbo

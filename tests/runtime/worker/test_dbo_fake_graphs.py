@@ -45,8 +45,8 @@ def main() -> None:
                 POOLS_USED.clear()
                 loaded = load_model(path, dtype="float32", device="cpu", compilation_config=CompilationConfig(**cfg))
                 llm = LLM.from_loaded(loaded, max_num_seqs=16, max_model_len=128, num_kv_blocks=128,
-                                      max_num_batched_tokens=32, enable_dbo=dbo, dbo_decode_token_threshold=4,
-                                      dbo_prefill_token_threshold=8)
+                                      max_num_batched_tokens=32, enable_dbo=dbo, force_dbo=dbo,
+                                      dbo_decode_token_threshold=4, dbo_prefill_token_threshold=8)
                 captured = counters.graphs_captured
                 runner = llm.engine.executor.worker.runner
                 # Per capture: (its pool, its stream) as indices of the runner's pools / slot streams.

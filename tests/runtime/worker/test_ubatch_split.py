@@ -60,7 +60,10 @@ def test_thresholds_are_validated():
     with pytest.raises(ValueError, match="dbo_prefill_token_threshold"):
         EngineConfig(enable_dbo=True, dbo_prefill_token_threshold=0)
     assert EngineConfig().dbo_thresholds() is None
-    assert EngineConfig(enable_dbo=True, dbo_decode_token_threshold=8).dbo_thresholds() == DBOThresholds(8, 512)
+    assert EngineConfig(enable_dbo=True, dbo_decode_token_threshold=8).dbo_thresholds() is None  # one device: off
+    forced = EngineConfig(enable_dbo=True, force_dbo=True, dbo_decode_token_threshold=8)
+    sharded = EngineConfig(enable_dbo=True, tensor_parallel_size=2, dbo_decode_token_threshold=8)
+    assert forced.dbo_thresholds() == sharded.dbo_thresholds() == DBOThresholds(8, 512)
 
 
 def _random_step(query_lens, seq_lens, block_size, heads=4, kv_heads=2, dim=8):
