@@ -1,12 +1,15 @@
 """Engine configuration: one dataclass, validated up front with errors that name the field."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
 from compiler.config import CompilationConfig
 from runtime.attention.encoder_attention import check_backend
 from runtime.distributed.parallel_state import ParallelConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class EngineConfig:
     generation_config: str = "auto"
     # CompilationConfig, or its dict / JSON form (the CLI passes --compilation-config '{...}').
     compilation_config: CompilationConfig | dict | str | None = None
+    # vLLM's enforce_eager: no compilation and no static graphs, whatever compilation_config says.
+    enforce_eager: bool = False
     # Vision models: the largest image (in encoder patches) a request may carry; the encoder's patch
     # budgets and the start-up memory profile use it. None = the image processor's max_pixels.
     max_image_patches: int | None = None
@@ -74,6 +79,12 @@ class EngineConfig:
         elif isinstance(self.compilation_config, dict):
             self.compilation_config = CompilationConfig.from_dict(self.compilation_config)
         elif self.compilation_config is None:
+            self.compilation_config = CompilationConfig()
+        if self.enforce_eager:
+            given = self.compilation_config
+            if given.mode != "eager" or given.graph_mode != "none":
+                logger.warning("enforce_eager: compilation_config (mode=%s, graph_mode=%s) ignored, the model runs "
+                               "eagerly", given.mode, given.graph_mode)
             self.compilation_config = CompilationConfig()
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

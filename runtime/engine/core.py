@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from compiler.config import CompilationConfig
 from models.checkpoint import Checkpoint, load_config, load_tokenizer, resolve_checkpoint
 from models.gguf_file import gguf_parsed_once
 from models.default import default_model_path, is_embedded_default
@@ -101,6 +102,7 @@ class EngineCore:
                     raise ValueError("tensor_parallel_size > 1 loads the model in its worker processes: pass a "
                                      "checkpoint path, not a model already in memory")
                 if loaded.compilation_config is not None:
+                    _check_enforce_eager(config, loaded.compilation_config)
                     config.compilation_config = loaded.compilation_config  # graphs must match how it was compiled
                 checkpoint, self.model_config, self.tokenizer = loaded.checkpoint, loaded.config, loaded.tokenizer()
             else:
@@ -391,3 +393,10 @@ def _input_processor(model_class: type, model_config: Any, checkpoint: Checkpoin
     if not getattr(model_class, "supports_images", False):
         return None
     return Qwen2VLInputProcessor(model_config, checkpoint.directory if checkpoint else None, config.max_image_patches)
+
+
+def _check_enforce_eager(config: EngineConfig, built_with: CompilationConfig) -> None:
+    """A model already in memory keeps the compilation it was built with: enforce_eager cannot undo it."""
+    if config.enforce_eager and (built_with.mode != "eager" or built_with.graph_mode != "none"):
+        raise ValueError(f"enforce_eager=True, but this model was built with compilation (mode={built_with.mode}, "
+                         f"graph_mode={built_with.graph_mode}): load it with the default CompilationConfig")

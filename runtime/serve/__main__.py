@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compilation-config", default=None, metavar="JSON",
                    help="compiler settings as JSON, e.g. '{\"mode\": \"compile\", \"graph_mode\": \"piecewise\"}' "
                         "(default: eager)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no compilation and no static graphs, whatever --compilation-config says (vLLM's flag)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard the model over this many ranks, one worker process each (default: %(default)s)")
     p.add_argument("--enable-expert-parallel", action="store_true",
@@ -135,7 +137,8 @@ def _build_engine(args: argparse.Namespace):
     config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                          compilation_config=args.compilation_config, enable_dbo=args.dbo,
+                          compilation_config=args.compilation_config, enforce_eager=args.enforce_eager,
+                          enable_dbo=args.dbo,
                           async_scheduling=args.async_scheduling,
                           dbo_decode_token_threshold=args.dbo_decode_token_threshold,
                           dbo_prefill_token_threshold=args.dbo_prefill_token_threshold,
@@ -145,8 +148,9 @@ def _build_engine(args: argparse.Namespace):
                           generation_config=args.generation_config,
                           mm_encoder_attn_backend=args.mm_encoder_attn_backend)
     start = time.perf_counter()
-    logger.info("building the engine: model=%s dtype=%s compilation=%s (load, compile, warm-up) ...",
-                args.model or DEFAULT_SERVED_NAME, args.dtype, config.compilation_config.mode)
+    logger.info("building the engine: model=%s dtype=%s compilation=%s graphs=%s%s (load, compile, warm-up) ...",
+                args.model or DEFAULT_SERVED_NAME, args.dtype, config.compilation_config.mode,
+                config.compilation_config.graph_mode, " (enforce_eager)" if config.enforce_eager else "")
     core = EngineCore(config)
     logger.info("engine ready in %.1f s: max_model_len=%d, max_num_seqs=%d, KV cache %d blocks",
                 time.perf_counter() - start, core.max_model_len, config.max_num_seqs, core.kv_cache.num_blocks)
