@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--hf-baseline", action="store_true", help="also time transformers eager decode")
             s.add_argument("--count-kernels", action="store_true",
                            help="count device kernels per decode step with the torch profiler")
+            s.add_argument("--host-breakdown", action="store_true",
+                           help="log where each config's host time per step goes: scheduling, the launch (inputs "
+                                "and forward, lm_head, sampling), taking results in, waiting for the device")
         else:
             s.add_argument("--workload", default="fixed", choices=["fixed", "nano"],
                            help="fixed: --num-requests prompts of --input-len tokens, --output-len outputs each; "

@@ -2,7 +2,8 @@
 
 Each config gets its own engine (graphs bake in their runner's buffers); per batch size the requests
 are prefilled, then ``--warmup`` and ``--steps`` decode steps are timed whole, then as many again with
-rank 0's forward timed alone, then (``--count-kernels``) a few with the kernel profiler on, then
+rank 0's forward timed alone (before that, with ``--host-breakdown``, as many with the host's phases timed),
+then (``--count-kernels``) a few with the kernel profiler on, then
 (``--profile DIR``) 20 under the trace profiler, whose trace gives the device's idle time per step.
 ``--hf-baseline`` adds transformers' eager decode on the same architecture, in the same process.
 """
@@ -25,6 +26,7 @@ from models.testing import llama_1b_config
 from runtime.bench.engines import (RANDOM_1B, load_model_for, make_engine, random_prompt, row_name, runner_stats,
                                    scheduling_states, set_dbo, set_scheduling, traced, variants)
 from runtime.bench.device_gaps import DeviceGaps, device_gaps
+from runtime.bench.host_phases import host_phases
 from runtime.bench.results import ResultTable
 from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams
 from runtime.engine.core import EngineCore
@@ -76,8 +78,9 @@ def bench_latency(args: argparse.Namespace, table: ResultTable) -> None:
 
 
 def _decode_steps(args: argparse.Namespace) -> int:
-    """Decode steps one batch size runs: warm-up, timed, forward-timed, kernel-counted and traced."""
-    return args.warmup + 2 * args.steps + PROFILED_STEPS + TRACED_STEPS
+    """Decode steps one batch size runs: warm-up, timed, host-phase-timed, forward-timed, kernel-counted and
+    traced."""
+    return args.warmup + 3 * args.steps + PROFILED_STEPS + TRACED_STEPS
 
 
 def _profile_columns(profile: StepProfile | None) -> dict[str, Any]:
@@ -111,6 +114,8 @@ def _decode_step_times(core: EngineCore, vocab: int, batch: int, args: argparse.
         core.step()
         times.append(time.perf_counter() - start)
         host.append(times[-1] - (core.device_wait_s - waited))
+    if args.host_breakdown:
+        logger.warning("%s: %s", label, host_phases(core, args.steps).summary())
     forward = _forward_times(core, args.steps)
     profile = _profile_steps(core, PROFILED_STEPS) if args.count_kernels else None
     traces = traced(core, args, label, lambda: [core.step() for _ in range(TRACED_STEPS)])

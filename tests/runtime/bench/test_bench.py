@@ -30,6 +30,7 @@ INVOCATIONS = {
     "latency_graph_modes": ["latency", "--model", "{llama}", "--dtype", "float32", "--batch-sizes", "2",
                             "--graph-mode", "none", "--graph-mode", "piecewise", "--graph-mode", "full_and_piecewise",
                             "--backend", "eager", "--capture-sizes", "1", "2", "4", "--count-kernels",
+                            "--host-breakdown",
                             "--max-num-batched-tokens", "64", "--log-level", "ERROR", "--json", "{json}",
                             "--profile", "{profile}", *TINY_LATENCY],
     "latency_tp_dbo": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo", "--force-dbo",
