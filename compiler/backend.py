@@ -19,7 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from compiler.cache import CompileCache
 from compiler.compile_piece import compile_piece
 from compiler.compiler_interface import CompilerInterface
-from compiler.config import CompilationConfig
+from compiler.config import CompilationConfig, resolve_cache_dir
 from compiler.counters import counters
 from compiler.dump import GraphDump
 from compiler.piecewise import PiecewiseBackend, find_size_arg
@@ -41,9 +41,13 @@ class GraphModeBackend:
         if config.compile_sizes and not compiler.compiles_per_size:
             logger.warning("%s: compile_sizes are ignored: the %s backend compiles one graph for every size", tag,
                            compiler.name)
-        if config.cache_dir and compiler.supports_cache:
+        cache_root = resolve_cache_dir(config.cache_dir)
+        if cache_root and compiler.supports_cache:
             key = CompileCache.make_global_key(config.code_hash(), pass_uuid, model_source_hash, platform_name)
-            self.cache = CompileCache(config.cache_dir, key)
+            try:
+                self.cache = CompileCache(cache_root, key)
+            except OSError as e:  # a root that cannot be written (read-only home) only costs the warm start
+                logger.warning("%s: compile cache at %s is unusable (%s); compiling without it", tag, cache_root, e)
         self.dump = GraphDump(config.dump_dir, tag) if config.dump_dir else None
         self.pieces: list[Piece] = []
         self.timings: dict[str, float] = {}

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -13,6 +14,21 @@ GRAPH_MODES = ("none", "piecewise", "full", "full_and_piecewise")
 DEFAULT_SPLITTING_OPS = ("graphmode::attention",)
 # Fields that change generated code (and so the compile-cache key); paths and debugging do not.
 _CODE_FIELDS = ("mode", "graph_mode", "backend", "splitting_ops", "compile_sizes", "passes")
+
+
+CACHE_ROOT_ENV = "GRAPHMODE_CACHE_ROOT"
+
+
+def resolve_cache_dir(cache_dir: str | None) -> str | None:
+    """Where compiled pieces are cached: ``cache_dir`` when given ("" for nowhere), else $GRAPHMODE_CACHE_ROOT
+    (set and empty: nowhere), else ~/.cache/graphmode. Entries are keyed by config, passes, model code, torch
+    version and platform (compiler/cache.py), so one root serves every model and config."""
+    if cache_dir is not None:
+        return cache_dir or None
+    root = os.environ.get(CACHE_ROOT_ENV)
+    if root is not None:
+        return root or None
+    return os.path.join(os.path.expanduser("~"), ".cache", "graphmode")
 
 
 def default_capture_sizes(max_size: int = 512) -> list[int]:
@@ -29,7 +45,8 @@ class CompilationConfig:
     capture_sizes: list[int] | None = None  # None = default_capture_sizes(); only used with graphs
     compile_sizes: list[int] = field(default_factory=list)  # extra static-shape compiles (inductor)
     passes: list[str] = field(default_factory=lambda: ["default"])
-    cache_dir: str | None = None  # None = no compile cache
+    # Compile cache: None = the default root (resolve_cache_dir), "" = none; a cached piece loads instead of compiling.
+    cache_dir: str | None = None
     dump_dir: str | None = None
     debug: bool = False  # keep Dynamo's guards: a recompile becomes a clear error instead of silence
     encoder: "CompilationConfig | None" = None

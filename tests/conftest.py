@@ -4,6 +4,8 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No default compile cache in tests (a hit would change what they count); tests of the cache name a directory.
+os.environ["GRAPHMODE_CACHE_ROOT"] = ""
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
