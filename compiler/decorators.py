@@ -115,6 +115,17 @@ class CompiledForward:
         return self.compiled(module, *args, **kwargs)
 
 
+def compile_timings(root: torch.nn.Module) -> dict[str, float]:
+    """Seconds ``root``'s compiled modules spent in Dynamo's trace, the passes and compiling, summed over them."""
+    totals = {"trace_s": 0.0, "passes_s": 0.0, "compile_s": 0.0}
+    for module in root.modules():
+        compiled = getattr(module, "_compiled_forward", None)
+        if compiled is not None:
+            for name in totals:
+                totals[name] += compiled.backend.timings.get(name, 0.0)
+    return totals
+
+
 def record_capture(root: torch.nn.Module, capture: dict[str, Any], tag: str = "decoder") -> None:
     """Hand what the runtime captured for ``root``'s compiled modules of ``tag`` to their dumps."""
     for module in root.modules():

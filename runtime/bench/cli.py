@@ -1,8 +1,9 @@
-"""`python -m runtime.bench latency|throughput|mm-encoder`: the harness behind every performance claim.
+"""`python -m runtime.bench latency|throughput|mm-encoder|startup`: the harness behind every performance claim.
 
 latency:    per-step decode latency at given batch sizes and context length (prefill excluded).
 throughput: offline generation of N requests with fixed input/output lengths.
 mm-encoder: the vision encoder alone per attention backend, eager / compiled / captured.
+startup:    engine start-up by phase (load, trace, passes, compile, memory profile, KV, capture), cold and warm.
 Prints a header line and a table; with --json, writes the numbers to a file as each config finishes,
 so a run that fails or is killed later keeps what it measured.
 """
@@ -22,6 +23,8 @@ from runtime.bench.latency import bench_latency
 from runtime.bench.mm_encoder import add_parser as add_mm_encoder_parser
 from runtime.bench.mm_encoder import bench_mm_encoder
 from runtime.bench.results import LATENCY_COLUMNS, MM_ENCODER_COLUMNS, THROUGHPUT_COLUMNS, ResultTable
+from runtime.bench.startup import STARTUP_COLUMNS, bench_startup
+from runtime.bench.startup import add_parser as add_startup_parser
 from runtime.bench.throughput import bench_throughput
 from runtime.contracts.config import EngineConfig
 from runtime.logger import set_level as set_log_level
@@ -35,6 +38,7 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[argparse
     "latency": (LATENCY_COLUMNS, ("model", "dtype"), bench_latency),
     "throughput": (THROUGHPUT_COLUMNS, ("model", "dtype"), bench_throughput),
     "mm-encoder": (MM_ENCODER_COLUMNS, ("shape", "dtype"), bench_mm_encoder),
+    "startup": (STARTUP_COLUMNS, ("model", "dtype"), bench_startup),
 }
 
 
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--max-num-seqs", type=int, default=64,
                            help="requests batched together at most (default: 64)")
     add_mm_encoder_parser(sub, [common])
+    add_startup_parser(sub, [common])
     return p
 
 

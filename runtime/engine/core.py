@@ -202,6 +202,10 @@ class EngineCore:
             return
         self.executor.call_workers("set_dbo", enabled)
 
+    def startup_report(self) -> dict[str, float | int]:
+        """Rank 0's start-up: seconds per phase, graphs captured, graph pool, compile-cache hits/misses."""
+        return self.executor.call_workers("startup_report")[0]
+
     def shutdown(self) -> None:
         """Stop the workers (their processes, under tensor parallelism)."""
         self.executor.shutdown()

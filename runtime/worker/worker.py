@@ -9,15 +9,17 @@ the forward); the executor keeps rank 0's tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from compiler import counters
+from compiler.decorators import compile_timings
 from models.default import default_model_path
 from models.loader import LoadedModel, load_model
 from runtime.contracts.config import EngineConfig
@@ -57,11 +59,14 @@ class Worker:
         if spec.world_size > 1:
             parallel = init_distributed(spec.rank, spec.world_size, spec.init_method, config.enable_expert_parallel)
         current_platform.manual_seed(config.seed)
+        self.startup_s: dict[str, float] = {}  # seconds per start-up phase (startup_report)
         if loaded is None:
+            start = time.perf_counter()
             device = config.device if spec.world_size == 1 else current_platform.device(spec.rank)
             loaded = load_model(config.model or default_model_path(), config.dtype, device, config.compilation_config,
                                 parallel=parallel, model_config=spec.model_config,
                                 model_options=config.model_options())
+            self.startup_s["load_s"] = time.perf_counter() - start
         self.runner = ModelRunner(
             loaded.model, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=spec.max_model_len, block_size=config.block_size, dtype=loaded.dtype,
@@ -77,12 +82,32 @@ class Worker:
     # ---- start-up ----------------------------------------------------------------------------
     def plan_kv_blocks(self) -> int:
         """KV cache blocks this rank can hold (the executor takes the minimum over ranks)."""
-        return plan_kv_blocks(self.config, self.runner)
+        with self._phase("memory_profile_s"):
+            return plan_kv_blocks(self.config, self.runner)
 
     def initialize(self, num_blocks: int) -> None:
-        self.runner.warmup()  # compiles (one trace) before the first request, not during it
-        self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_graphs()  # full graphs bake in the KV cache addresses: allocate first
+        with self._phase("warmup_s"):
+            self.runner.warmup()  # compiles (one trace) before the first request, not during it
+        with self._phase("kv_allocate_s"):
+            self.runner.allocate_kv_cache(num_blocks)
+        with self._phase("capture_s"):
+            self.runner.capture_graphs()  # full graphs bake in the KV cache addresses: allocate first
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.startup_s[name] = time.perf_counter() - start
+
+    def startup_report(self) -> dict[str, float | int]:
+        """Where this rank's start-up went: seconds per phase (the model's compilation happens inside its first
+        forward: the memory profile's, or the warm-up's where the KV size is fixed), what was captured, and the
+        compile cache's hits and misses."""
+        return {**self.startup_s, **compile_timings(self.runner.model), "graphs": counters.graphs_captured,
+                "graph_pool_mib": self.runner.graphs.pool_bytes() / 2**20,
+                "cache_hits": counters.cache_hits, "cache_misses": counters.cache_misses}
 
     # ---- stepping ----------------------------------------------------------------------------
     def launch(self, output: SchedulerOutput) -> PendingStep:

@@ -15,6 +15,7 @@ from models.testing import write_tiny_checkpoint
 from models.vision_testing import write_tiny_qwen2_vl_checkpoint
 from runtime.bench import cli as bench
 from runtime.bench.results import LATENCY_COLUMNS, MM_ENCODER_COLUMNS, THROUGHPUT_COLUMNS, ResultTable
+from runtime.bench.startup import STARTUP_COLUMNS
 from tests.helpers import REPO_ROOT
 
 COMPILED = '{"mode": "compile", "backend": "eager", "passes": ["default"]}'
@@ -39,6 +40,10 @@ INVOCATIONS = {
     "latency_dbo_one_device": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo",
                                "--dbo-decode-token-threshold", "2", "--batch-sizes", "4", "--json", "{json}",
                                *TINY_LATENCY],
+    "startup": ["startup", "--model", "{llama}", "--dtype", "float32", "--compilation-config",
+                '{"mode": "compile", "backend": "eager"}', "--max-num-seqs", "4", "--max-num-batched-tokens", "64",
+                "--max-model-len", "64", "--kv-cache-memory-gb", "0.05", "--cache-root", "{profile}",
+                "--log-level", "ERROR", "--json", "{json}"],
     "latency_moe_ep": ["latency", "--model", "{moe}", "--dtype", "float32", "--batch-sizes", "2",
                        "--tensor-parallel-size", "2", "--enable-expert-parallel", "--json", "{json}", *TINY_LATENCY],
     "throughput_dbo": ["throughput", "--model", "{llama}", "--dtype", "float32", "--num-requests", "6",
@@ -200,6 +205,17 @@ def test_mm_encoder_runs_every_backend_and_mode(checkpoints, tmp_path, capsys):
                                                          for m in ("eager", "compiled", "captured")}
     assert [r["patches"] for r in rows[:2]] == [16, 48] and all(r["ms"] > 0 for r in rows)
     assert all(r["traces"] == (0 if r["mode"] == "eager" else 1) for r in rows), "one trace serves both sizes"
+
+
+def test_startup_runs_cold_then_warm_in_processes_of_their_own(checkpoints, tmp_path, capsys):
+    rows, printed = _run("startup", checkpoints, tmp_path, capsys)
+    _check_schema(rows, STARTUP_COLUMNS, printed)
+    assert [r["run"] for r in rows] == ["cold", "warm"]
+    for row in rows:
+        assert row["load_s"] > 0 and row["engine_s"] > 0
+        assert row["trace_s"] > 0  # mode=compile: Dynamo traced, inside the engine's first forward
+        assert row["engine_s"] >= row["warmup_s"] + row["kv_allocate_s"] + row["capture_s"]
+        assert row["graphs"] == 0 and row["cache_hits"] == 0  # CPU: no static graphs; eager backend: no cache
 
 
 def test_every_flag_is_exercised():
