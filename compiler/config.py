@@ -102,6 +102,11 @@ class CompilationConfig:
         return out
 
     # ---- derived --------------------------------------------------------------------------
+    @property
+    def is_eager(self) -> bool:
+        """No compilation and no static graphs."""
+        return self.mode == "eager" and self.graph_mode == "none"
+
     def resolved_backend(self, platform_default: str) -> str:
         return self.backend or platform_default
 

@@ -82,7 +82,7 @@ class EngineConfig:
             self.compilation_config = CompilationConfig()
         if self.enforce_eager:
             given = self.compilation_config
-            if given.mode != "eager" or given.graph_mode != "none":
+            if not given.is_eager:
                 logger.warning("enforce_eager: compilation_config (mode=%s, graph_mode=%s) ignored, the model runs "
                                "eagerly", given.mode, given.graph_mode)
             self.compilation_config = CompilationConfig()

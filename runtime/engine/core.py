@@ -92,9 +92,9 @@ class EngineCore:
         by the workers."""
         self.config = config
         if config.enable_dbo and not config.communicates:
+            state, hint = ("forced", "") if config.force_dbo else ("off", "; force_dbo=True splits anyway")
             logger.warning("DBO %s on one device: there is no communication to overlap, so two micro-batches only "
-                           "add work (each reads all weights; docs/perf.md measures the cost)%s",
-                           *(("forced", "") if config.force_dbo else ("off", "; force_dbo=True splits anyway")))
+                           "add work (each reads all weights; docs/perf.md measures the cost)%s", state, hint)
         # The config, the tokenizer and (in this process) the weights share one parse of a GGUF file.
         with gguf_parsed_once():
             if loaded is not None:
@@ -401,6 +401,6 @@ def _input_processor(model_class: type, model_config: Any, checkpoint: Checkpoin
 
 def _check_enforce_eager(config: EngineConfig, built_with: CompilationConfig) -> None:
     """A model already in memory keeps the compilation it was built with: enforce_eager cannot undo it."""
-    if config.enforce_eager and (built_with.mode != "eager" or built_with.graph_mode != "none"):
+    if config.enforce_eager and not built_with.is_eager:
         raise ValueError(f"enforce_eager=True, but this model was built with compilation (mode={built_with.mode}, "
                          f"graph_mode={built_with.graph_mode}): load it with the default CompilationConfig")
