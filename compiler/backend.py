@@ -161,6 +161,6 @@ class GraphModeBackend:
         general = compile_piece(piece.module, fake_args, self.compiler, self.cache, transform=transform)
         by_size = {size: compile_piece(piece.module, fake_args, self.compiler, self.cache, size, transform)
                    for size in self.config.compile_sizes} if self.compiler.compiles_per_size else {}
-        capture = (self.config.resolved_capture_sizes()
+        capture = (self.config.piecewise_sizes()
                    if self.config.graph_mode in ("piecewise", "full_and_piecewise") else None)
         return PiecewiseBackend(piece.name, general, by_size, find_size_arg(fake_args), capture)

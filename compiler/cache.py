@@ -1,7 +1,7 @@
 """The compile cache: Inductor artefacts saved per piece, keyed by everything that changes the code.
 
 Key = config hash + pass uuids + model source hash + torch version + platform, then per piece the
-piece's code and its input shapes/dtypes. Artefacts are torch's own (``CompiledArtifact.save/load``);
+piece's graph (nodes by position, not by name) and its input shapes/dtypes. Artefacts are torch's own (``CompiledArtifact.save/load``);
 a file that does not load (truncated, foreign, other torch) is logged, recompiled and overwritten.
 """
 from __future__ import annotations
@@ -34,6 +34,21 @@ def _canonical_symbols(text: str) -> str:
     return _SYMBOL.sub("S", text)
 
 
+def _structure(gm: torch.fx.GraphModule) -> str:
+    """The piece's graph with nodes named by position: the code without the names Dynamo gives inputs
+    after the module path they came from (``l_self_modules_layers_modules_3_...``), so the middle layers
+    of a model, whose pieces differ only by those names, share a key and one compiled artefact."""
+    index: dict[torch.fx.Node, str] = {}
+    lines = []
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = f"%{i}"
+        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: index[n])
+        target = "" if node.op == "placeholder" else (
+            torch.fx.node._get_qualified_name(node.target) if callable(node.target) else node.target)
+        lines.append(f"{node.op} {target} {args}")
+    return "\n".join(lines)
+
+
 class CompileCache:
     def __init__(self, root: str, global_key: str) -> None:
         self.global_key = global_key
@@ -41,6 +56,7 @@ class CompileCache:
         os.makedirs(self.directory, exist_ok=True)
         self.hits = 0
         self.misses = 0
+        self.in_memory: dict[str, Any] = {}  # key -> artefact compiled or loaded in this process
 
     @staticmethod
     def make_global_key(config_hash: str, pass_uuid: str, model_source_hash: str, platform: str) -> str:
@@ -48,7 +64,7 @@ class CompileCache:
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
     def key_for(self, gm: torch.fx.GraphModule, example_inputs: list[Any], size: int | None) -> str:
-        text = gm.code + "|" + ";".join(_describe(x) for x in example_inputs) + f"|size={size}"
+        text = _structure(gm) + "|" + ";".join(_describe(x) for x in example_inputs) + f"|size={size}"
         return hashlib.sha256(_canonical_symbols(text).encode()).hexdigest()[:24]
 
     def _path(self, key: str) -> str:

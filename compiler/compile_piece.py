@@ -53,12 +53,20 @@ def compile_piece(piece: torch.fx.GraphModule, fake_args: list[Any], compiler: C
     example = fake_args if size is None else concrete_inputs(fake_args, size)
     key = cache.key_for(piece, example, size) if cache is not None else None
     if key is not None:
+        # Pieces of identical code and inputs (a model's middle layers) share one artefact: compiled or
+        # loaded once per process, not once per layer.
+        artifact = cache.in_memory.get(key)
+        if artifact is not None:
+            counters.cache_hits += 1
+            return compiler.callable_for(piece, artifact)
         artifact = cache.load(key)
         if artifact is not None:
             counters.cache_hits += 1
+            cache.in_memory[key] = artifact
             return compiler.callable_for(piece, artifact)
         counters.cache_misses += 1
     artifact = compiler.compile(transform(), example, size)
     if key is not None:
         cache.save(key, artifact)
+        cache.in_memory[key] = artifact
     return compiler.callable_for(piece, artifact)

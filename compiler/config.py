@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from runtime.platforms import current_platform
 MODES = ("eager", "compile")
 GRAPH_MODES = ("none", "piecewise", "full", "full_and_piecewise")
 DEFAULT_SPLITTING_OPS = ("graphmode::attention",)
@@ -31,18 +32,43 @@ def resolve_cache_dir(cache_dir: str | None) -> str | None:
     return os.path.join(os.path.expanduser("~"), ".cache", "graphmode")
 
 
-def default_capture_sizes(max_size: int = 512) -> list[int]:
-    """vLLM-like ladder: 1, 2, 4, then steps of 8 up to ``max_size``."""
-    return sorted({1, 2, 4, *range(8, max_size + 1, 8)})
+# Piecewise graphs stop at 512 tokens: past that a step's pieces are long enough that launching them costs
+# little next to their work (docs/perf.md, "which piecewise sizes pay"), and each size is one graph per piece.
+MAX_PIECEWISE_CAPTURE = 512
+
+
+def default_capture_sizes(max_size: int = MAX_PIECEWISE_CAPTURE) -> list[int]:
+    """Piecewise graphs' token counts: powers of two to 64, then steps of 32 to 256 and of 64 to 512, so a
+    step is padded by at most half under 64 tokens (where launches, not FLOPs, set the time) and by at
+    most a seventh past 256. 17 sizes where a step-of-8 ladder had 67."""
+    ladder = {1, 2, 4, 8, 16, 32, 64, *range(96, 257, 32), *range(320, MAX_PIECEWISE_CAPTURE + 1, 64)}
+    return sorted(s for s in ladder if s <= max_size)
+
+
+def default_decode_capture_sizes(max_seqs: int) -> list[int]:
+    """Full graphs' batch sizes (uniform decode: one token per sequence): 1, 2, 4, then steps of 8 to 256
+    and of 16 beyond, and ``max_seqs`` itself. Decode steps are launch-bound and padding one costs a whole
+    forward's weight reads per extra row only in compute, so their ladder stays fine."""
+    ladder = {1, 2, 4, *range(8, 257, 8), *range(272, max_seqs + 1, 16), max_seqs}
+    return sorted(s for s in ladder if s <= max_seqs)
 
 
 @dataclass
 class CompilationConfig:
-    mode: str = "eager"
-    graph_mode: str = "none"
+    # None: the platform's default. CUDA and Ascend compile and capture full_and_piecewise (graphs are
+    # most of decode speed there: docs/perf.md); the CPU runs eagerly (no static graphs to capture, and
+    # Inductor's first C++ compile costs more than a CPU session gains). graph_mode left None with an
+    # explicit mode="eager" means no graphs.
+    mode: str | None = None
+    graph_mode: str | None = None
     backend: str | None = None  # None = the platform's default ("inductor" on CPU and CUDA)
     splitting_ops: list[str] = field(default_factory=lambda: list(DEFAULT_SPLITTING_OPS))
-    capture_sizes: list[int] | None = None  # None = default_capture_sizes(); only used with graphs
+    # Piecewise graphs' token counts; None = default_capture_sizes(). Also the full graphs' sizes when
+    # full_capture_sizes is None and these are given.
+    capture_sizes: list[int] | None = None
+    # Full graphs' batch sizes (uniform decode steps); None = capture_sizes if given, else
+    # default_decode_capture_sizes(max_num_seqs).
+    full_capture_sizes: list[int] | None = None
     compile_sizes: list[int] = field(default_factory=list)  # extra static-shape compiles (inductor)
     passes: list[str] = field(default_factory=lambda: ["default"])
     # Compile cache: None = the default root (resolve_cache_dir), "" = none; a cached piece loads instead of compiling.
@@ -54,11 +80,15 @@ class CompilationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
             self.encoder = CompilationConfig.from_dict(self.encoder)
+        if self.mode is None:
+            self.mode = current_platform.default_compile_mode
+        if self.graph_mode is None:
+            self.graph_mode = current_platform.default_graph_mode if self.mode == "compile" else "none"
         self._check_choice("mode", MODES)
         self._check_choice("graph_mode", GRAPH_MODES)
         if self.backend is not None and not isinstance(self.backend, str):
             raise ValueError(f"backend must be a string, got {self.backend!r}")
-        for name in ("capture_sizes", "compile_sizes"):
+        for name in ("capture_sizes", "full_capture_sizes", "compile_sizes"):
             sizes = getattr(self, name)
             if sizes is not None and (not isinstance(sizes, list) or
                                       not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)):
@@ -77,6 +107,11 @@ class CompilationConfig:
             raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
     # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def eager(cls) -> "CompilationConfig":
+        """No compilation and no graphs, on every platform (``enforce_eager``; eager baselines)."""
+        return cls(mode="eager", graph_mode="none")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompilationConfig":
         if not isinstance(data, dict):
@@ -110,9 +145,17 @@ class CompilationConfig:
     def resolved_backend(self, platform_default: str) -> str:
         return self.backend or platform_default
 
-    def resolved_capture_sizes(self, max_size: int | None = None) -> list[int]:
+    def piecewise_sizes(self, max_tokens: int | None = None) -> list[int]:
+        """Token counts of piecewise graphs, up to ``max_tokens`` (the step's token budget)."""
         sizes = sorted(set(self.capture_sizes if self.capture_sizes is not None else default_capture_sizes()))
-        return [s for s in sizes if max_size is None or s <= max_size]
+        return [s for s in sizes if max_tokens is None or s <= max_tokens]
+
+    def full_sizes(self, max_seqs: int, max_tokens: int) -> list[int]:
+        """Batch sizes of full (uniform decode) graphs: a full graph pads a step to one sequence per
+        token, so it is bounded by both the sequence and the token budget."""
+        given = self.full_capture_sizes if self.full_capture_sizes is not None else self.capture_sizes
+        sizes = sorted(set(given)) if given is not None else default_decode_capture_sizes(max_seqs)
+        return [s for s in sizes if s <= min(max_seqs, max_tokens)]
 
     def code_hash(self) -> str:
         """Stable hash of the fields that change generated code (part of the compile-cache key)."""

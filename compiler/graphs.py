@@ -1,15 +1,25 @@
 """Static device graphs (CUDA graphs; ACL graphs on Ascend) around a callable, one per capture size.
 
 ``StaticGraphRunner`` wraps a compiled piece (piecewise mode) or a whole forward (full mode). The
-first call at a size runs eagerly (warm-up: autotuning, lazy init), the second captures, later ones
-replay. Inputs must keep their addresses across replays (persistent runner buffers, outputs of
+first call in a size class runs eagerly (warm-up: autotuning, lazy init, Triton variants; see
+``_specialization``), later first calls at a size capture, later ones replay. Inputs must keep their addresses across replays (persistent runner buffers, outputs of
 earlier graphs in the shared pool); the debug mode checks that. The graph class, pool and capture
 context all come from the platform.
+
+A graph's output is kept as a view that does not own its memory: once the capture's forward is done
+with it, the memory goes back to the pool and later captures (smaller sizes, other pieces) reuse it, so
+the pool holds about one forward's intermediates instead of one output per graph. A replay writes the
+output again, and whoever reads it does so before the next replay of a graph of that pool: steps run
+one at a time per pool (each DBO slot has its own), and a caller that keeps an output copies it.
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import os
+import sysconfig
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,6 +46,12 @@ class GraphRuntime:
     capture_stream: Any = None
     capture_seconds: float = 0.0
     pool_bytes: int = 0
+    # Pool growth per (kind, size) captured, in capture order: what each graph cost on top of the ones
+    # before it (the largest, captured first, pays for nearly all).
+    pool_growth: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Kinds whose capture failed here: a failed piece hands the next piece a fresh tensor each call, where
+    # that piece's graph reads the address it was captured with, so one failure turns its whole kind off.
+    failed_kinds: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -50,8 +66,9 @@ class StaticGraphRunner:
     fn: Callable
     name: str
     capture_sizes: frozenset[int]
+    kind: str = "graph"  # what the pool report groups it under: "full", "piecewise", "encoder"
     entries: dict[tuple[int | None, int], _Entry] = field(default_factory=dict)  # (ubatch, size) ->
-    warmed: set[tuple[int | None, int]] = field(default_factory=set)
+    warmed: set[tuple[int | None, tuple[bool, bool]]] = field(default_factory=set)  # (ubatch, _specialization)
     failed: bool = False
 
     def __call__(self, runtime: GraphRuntime, size: int, args: tuple[Any, ...]) -> Any:
@@ -65,30 +82,73 @@ class StaticGraphRunner:
             entry.graph.replay()
             counters.graph_replays += 1
             return entry.output
-        if key not in self.warmed:
-            self.warmed.add(key)
+        warm_key = (runtime.ubatch, _specialization(size))
+        if warm_key not in self.warmed:
+            self.warmed.add(warm_key)
             return self.fn(*args)
         return self._capture(runtime, size, args)
 
     def _capture(self, runtime: GraphRuntime, size: int, args: tuple[Any, ...]) -> Any:
         platform = runtime.platform
         graph = platform.new_graph()
-        start, before = time.perf_counter(), platform.memory_allocated()
+        start, before = time.perf_counter(), platform.memory_reserved()
         try:
             with platform.graph_capture(graph, runtime.pool, runtime.capture_stream):
                 output = self.fn(*args)
         except Exception as e:  # noqa: BLE001 - an uncapturable op degrades this runner, never crashes
-            logger.warning("static graph %s could not be captured at size %d (%s: %s); running it without graphs",
-                           self.name, size, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            logger.warning("static graph %s could not be captured at size %d: %s; running it without graphs",
+                           self.name, size, describe_capture_failure(e, platform))
             self.failed = True
+            runtime.failed_kinds.add(self.kind)
             return self.fn(*args)
         runtime.capture_seconds += time.perf_counter() - start
-        runtime.pool_bytes += max(0, platform.memory_allocated() - before)
-        self.entries[(runtime.ubatch, size)] = _Entry(graph, output, _addresses(args))
+        grown = max(0, platform.memory_reserved() - before)
+        runtime.pool_bytes += grown
+        key = (self.kind, size)
+        runtime.pool_growth[key] = runtime.pool_growth.get(key, 0) + grown
+        self.entries[(runtime.ubatch, size)] = _Entry(graph, non_owning(output), _addresses(args))
         counters.graphs_captured += 1
         # Capture records work without running it: replay once so this call returns real values.
         graph.replay()
         return output
+
+
+def _specialization(size: int) -> tuple[bool, bool]:
+    """Sizes that run the same compiled kernels. Triton specialises integer arguments that equal 1 or
+    are multiples of 16, so a kernel first launched at a size of another class compiles a variant (and
+    a variant compiled inside a capture would be recorded mid-compile). One warm-up per class, instead
+    of one per size, loads them all; the other sizes are captured on their first call."""
+    return size == 1, size % 16 == 0
+
+
+def non_owning(value: Any) -> Any:
+    """``value`` (a tensor, or a tuple/list of them) as views that do not keep their memory allocated."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(non_owning(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    storage = value.untyped_storage()
+    # A storage over the same address without a deleter: Inductor's CUDA graph trees keep their graph
+    # outputs the same way (torch/_inductor/cudagraph_trees.py).
+    alias = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), value.device, storage.nbytes())
+    return torch.empty((), dtype=value.dtype, device=value.device).set_(
+        alias, value.storage_offset(), value.shape, value.stride())
+
+
+# Frames that are never the op at fault: torch, the standard library, graph capture itself, the platforms.
+_NOT_THE_OP = (os.path.dirname(torch.__file__), sysconfig.get_paths()["stdlib"], __file__,
+               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runtime", "platforms"))
+
+
+def describe_capture_failure(error: BaseException, platform: Platform) -> str:
+    """The error and the innermost frame of the op that raised it (the line that synced the host or
+    allocated outside the pool), so the log names what to fix."""
+    frames = traceback.extract_tb(error.__traceback__)
+    not_the_op = (*_NOT_THE_OP, inspect.getfile(type(platform)))
+    ours = [f for f in frames if not f.filename.startswith(not_the_op)]
+    where = f" (in {ours[-1].name}, {ours[-1].filename}:{ours[-1].lineno}: {ours[-1].line})" if ours else ""
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {first_line}{where}"
 
 
 def _addresses(args: tuple[Any, ...]) -> list[int]:

@@ -42,7 +42,7 @@ class PiecewiseBackend:
         self.by_size = by_size
         self.size_arg = size_arg
         # Set when piecewise graphs are on: replays this piece per capture size on "piecewise" steps.
-        self.graphs = (StaticGraphRunner(self._run, name, frozenset(capture_sizes))
+        self.graphs = (StaticGraphRunner(self._run, name, frozenset(capture_sizes), kind="piecewise")
                        if capture_sizes and size_arg is not None else None)
 
     def num_tokens(self, args: tuple[Any, ...]) -> int | None:

@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the Llama-3.2-1B / Qwen3-0.6B shape (default: the embedded SmolLM2)")
         s.add_argument("--dtype", default="auto",
                        help="auto (the checkpoint's; float32 on CPU), float32, bfloat16 or float16 (default: auto)")
-        s.add_argument("--max-num-batched-tokens", type=int, default=4096,
-                       help="tokens per engine step at most; also the memory profile's dummy step (default: 4096)")
+        s.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="tokens per engine step at most; also the memory profile's dummy step (default: 4096; "
+                            "throughput --workload nano: 16384, nano-vllm's)")
         s.add_argument("--kv-cache-memory-gb", type=float, default=None,
                        help="fixed KV cache size in GiB (default: profiled on a GPU, a share of RAM on CPU)")
         s.add_argument("--json", default=None, help="write results to this file (rewritten as each config finishes)")
@@ -72,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shorthand for a compiled config with this graph mode (repeatable)")
         s.add_argument("--backend", default="inductor",
                        help="compile backend for --graph-mode configs: inductor or eager (default: inductor)")
-        s.add_argument("--capture-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128],
-                       help="batch sizes (tokens) captured as graphs by --graph-mode configs "
-                            "(default: 1 2 4 8 16 32 64 128)")
+        s.add_argument("--capture-sizes", type=int, nargs="+", default=None,
+                       help="batch sizes (tokens) captured as graphs by --graph-mode configs (default: the "
+                            "compiler's ladders: full graphs 1 2 4 8..max_num_seqs, piecewise 1 2 4 .. 512)")
         s.add_argument("--tensor-parallel-size", type=int, default=1,
                        help="ranks (one worker process each) to shard the model over")
         s.add_argument("--enable-expert-parallel", action="store_true",
@@ -116,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default: 128)")
             s.add_argument("--output-len", type=int, default=64,
                            help="tokens generated per request, EOS ignored (default: 64)")
-            s.add_argument("--max-num-seqs", type=int, default=64,
-                           help="requests batched together at most (default: 64)")
+            s.add_argument("--max-num-seqs", type=int, default=None,
+                           help="requests batched together at most (default: 64; --workload nano: 512, nano-vllm's)")
     add_mm_encoder_parser(sub, [common])
     add_startup_parser(sub, [common])
     return p

@@ -40,16 +40,17 @@ def load_model_for(args: argparse.Namespace, compilation: CompilationConfig | No
 
 
 def named_configs(args: argparse.Namespace) -> list[tuple[str, CompilationConfig]]:
-    """--config NAME=JSON (repeatable) or --graph-mode MODE ...; default: eager only."""
+    """--config NAME=JSON (repeatable) or --graph-mode MODE ...; default: the platform's default config."""
     named = []
     for spec in args.config or []:
         name, _, text = spec.partition("=")
         named.append((name, CompilationConfig.from_json(text or "{}")))
     for mode in args.graph_mode or []:
-        cfg = {"none": {"mode": "eager"}}.get(mode, {"mode": "compile", "backend": args.backend,
-                                                     "graph_mode": mode, "capture_sizes": args.capture_sizes})
+        cfg = {"none": {"mode": "eager", "graph_mode": "none"}}.get(mode, {"mode": "compile", "backend": args.backend,
+                                                                          "graph_mode": mode,
+                                                                          "capture_sizes": args.capture_sizes})
         named.append((mode, CompilationConfig.from_dict(cfg)))
-    return named or [("eager", CompilationConfig())]
+    return named or [("default", CompilationConfig())]
 
 
 def checkpoint_path(args: argparse.Namespace) -> str:
@@ -132,10 +133,13 @@ def set_dbo(llm: LLM, dbo: bool | None) -> int:
     return runner_stats(llm)["dbo_steps"]
 
 
+DEFAULT_MAX_BATCHED_TOKENS = 4096
+
+
 def make_engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: int,
             engine_args: dict[str, Any] | None = None, compilation: CompilationConfig | None = None) -> LLM:
     common = dict(max_num_seqs=max_num_seqs, max_model_len=max_len, async_scheduling=args.async_scheduling,
-                  max_num_batched_tokens=max(args.max_num_batched_tokens, max_len),
+                  max_num_batched_tokens=max(args.max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS, max_len),
                   enable_prefix_caching=False, mm_encoder_attn_backend=args.mm_encoder_attn_backend,
                   **kv_args(args), **(engine_args or {}))
     if loaded is None:  # tensor parallelism: the workers load the checkpoint

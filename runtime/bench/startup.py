@@ -2,9 +2,9 @@
 
 Each run is a process of its own, as a user's would be: a warm start is a second process finding what the
 first left in the caches. A run loads the model (`load_s`), then builds the engine (`engine_s`), whose phases
-are the memory profile (the model's first forward: Dynamo's trace, the passes and the compile happen inside
-it; inside the warm-up instead where the KV cache size is fixed), the warm-up, the KV cache allocation and
-the graph capture. The cold run starts from an empty cache root of its own (`--cache-root`, default a new
+are the warm-up (the model's first forward: Dynamo's trace, the passes and the compile happen inside it),
+the graph capture (piecewise graphs before the KV cache is sized, full graphs after), the memory profile and
+the KV cache allocation. The cold run starts from an empty cache root of its own (`--cache-root`, default a new
 temporary directory: our compile cache and Inductor's); the warm run reuses it.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 from typing import Any
 
 STARTUP_COLUMNS = ("config", "run", "load_s", "engine_s", "trace_s", "passes_s", "compile_s", "memory_profile_s",
-                   "warmup_s", "kv_allocate_s", "capture_s", "graphs", "graph_pool_mib", "cache_hits", "cache_misses")
+                   "warmup_s", "kv_allocate_s", "capture_s", "graphs", "graph_pool_mib", "graph_pool_estimate_mib",
+                   "cache_hits", "cache_misses")
 _RESULT = "STARTUP-RESULT "
 
 

@@ -12,7 +12,8 @@ from runtime.bench.results import ResultTable
 from runtime.contracts.sampling_params import SamplingParams
 
 
-NANO_MAX_MODEL_LEN = 4096
+# nano-vllm's LLM defaults, which its bench.py keeps (max_model_len set to 4096).
+NANO_MAX_MODEL_LEN, NANO_MAX_NUM_SEQS, NANO_MAX_BATCHED_TOKENS = 4096, 512, 16384
 
 
 def nano_workload(num_requests: int = 256) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -38,8 +39,12 @@ def bench_throughput(args: argparse.Namespace, table: ResultTable) -> None:
     name, compilation, engine_args, dbo_states = variants(args)[0]
     counters.reset()
     loaded = load_model_for(args, compilation)
-    max_len = NANO_MAX_MODEL_LEN if args.workload == "nano" else args.input_len + args.output_len + 8
-    llm = make_engine(loaded, args, args.max_num_seqs, max_len, engine_args, compilation)
+    if args.workload == "nano":  # nano-vllm's engine sizes unless told otherwise, as its bench.py runs
+        max_len, max_num_seqs = NANO_MAX_MODEL_LEN, args.max_num_seqs or NANO_MAX_NUM_SEQS
+        args.max_num_batched_tokens = args.max_num_batched_tokens or NANO_MAX_BATCHED_TOKENS
+    else:
+        max_len, max_num_seqs = args.input_len + args.output_len + 8, args.max_num_seqs or 64
+    llm = make_engine(loaded, args, max_num_seqs, max_len, engine_args, compilation)
     prompts, params = _workload(args, llm.engine.vocab_size)
     for dbo, scheduling in [(d, a) for d in dbo_states for a in scheduling_states(args)]:
         dbo_steps_before = set_dbo(llm, dbo)

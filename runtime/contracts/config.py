@@ -8,6 +8,7 @@ from typing import Any
 from compiler.config import CompilationConfig
 from runtime.attention.encoder_attention import check_backend
 from runtime.distributed.parallel_state import ParallelConfig
+from runtime.platforms import current_platform
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +80,16 @@ class EngineConfig:
         elif isinstance(self.compilation_config, dict):
             self.compilation_config = CompilationConfig.from_dict(self.compilation_config)
         elif self.compilation_config is None:
-            self.compilation_config = CompilationConfig()
+            self.compilation_config = CompilationConfig()  # the platform's default: graphs on CUDA, eager on CPU
+            if not self.enforce_eager:
+                logger.info("compilation: the %s platform's default, mode=%s graph_mode=%s", current_platform.name,
+                            self.compilation_config.mode, self.compilation_config.graph_mode)
         if self.enforce_eager:
             given = self.compilation_config
             if not given.is_eager:
                 logger.warning("enforce_eager: compilation_config (mode=%s, graph_mode=%s) ignored, the model runs "
                                "eagerly", given.mode, given.graph_mode)
-            self.compilation_config = CompilationConfig()
+            self.compilation_config = CompilationConfig.eager()
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

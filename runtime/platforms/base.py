@@ -29,6 +29,9 @@ class Platform:
     # own kernels (op_kernel) take precedence over it.
     op_kernels: str = "torch"
     default_compile_backend: str = "inductor"
+    # What CompilationConfig() means here (its mode and graph_mode left None).
+    default_compile_mode: str = "eager"
+    default_graph_mode: str = "none"
     dist_backend: str = "gloo"
     # How tensor-parallel worker processes start: "spawn" is the only safe way once a device
     # runtime may be initialised; a platform without one can "fork" (no re-import, warm compiler).

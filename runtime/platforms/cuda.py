@@ -18,6 +18,9 @@ class CudaPlatform(Platform):
     attention_backend = "triton" if importlib.util.find_spec("triton") else "torch"
     op_kernels = "triton" if importlib.util.find_spec("triton") else "torch"
     default_compile_backend = "inductor"
+    # Graphs are most of decode speed on a device (docs/perf.md): compiled pieces, full graphs for decode.
+    default_compile_mode = "compile"
+    default_graph_mode = "full_and_piecewise"
     dist_backend = "nccl"
     supports_static_graphs = True
     supports_memory_profiling = True
@@ -42,9 +45,15 @@ class CudaPlatform(Platform):
     def graph_capture(self, graph: torch.cuda.CUDAGraph, pool: Any, stream: Any = None) -> Iterator[None]:
         # torch.cuda.graph() runs gc.collect() and empty_cache() at every capture; with hundreds of
         # piecewise captures that is most of the capture time, and the pool makes it unnecessary.
-        with unittest.mock.patch("gc.collect", lambda *a, **k: 0), \
-                unittest.mock.patch("torch.cuda.empty_cache", lambda: None), torch.cuda.graph(graph, pool=pool, stream=stream):
-            yield
+        caller_stream = torch.cuda.current_stream()
+        try:
+            with unittest.mock.patch("gc.collect", lambda *a, **k: 0), \
+                    unittest.mock.patch("torch.cuda.empty_cache", lambda: None), \
+                    torch.cuda.graph(graph, pool=pool, stream=stream):
+                yield
+        except Exception:
+            _recover_from_failed_capture(caller_stream)
+            raise
 
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated()
@@ -118,3 +127,15 @@ class CudaPlatform(Platform):
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
         torch.cuda.manual_seed_all(seed)
+
+
+def _recover_from_failed_capture(caller_stream: torch.cuda.Stream) -> None:
+    """Leave the device as a failed capture found it. When an op invalidates a capture, ending it raises
+    inside torch.cuda.graph's exit, which skips the rest of the exit: the capture stream stays current,
+    and the RNG generators stay in capture mode (every later random op outside a graph then fails with
+    "Offset increment outside graph capture"). A capture that succeeds runs their epilogue."""
+    torch.cuda.set_stream(caller_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.zeros(1, device=caller_stream.device).add_(1)
+    del graph

@@ -53,6 +53,9 @@ class NpuPlatform(Platform):
     op_kernels = "torch"
     # Our own pieces captured as ACL graphs by StaticGraphRunner; "torchair" is the other path.
     default_compile_backend = "eager"
+    # Graphs are most of decode speed on a device (docs/perf.md): compiled pieces, full graphs for decode.
+    default_compile_mode = "compile"
+    default_graph_mode = "full_and_piecewise"
     dist_backend = "hccl"
     supports_static_graphs = True
     supports_memory_profiling = True

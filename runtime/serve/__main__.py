@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed KV cache size in GiB (default: sized from free memory)")
     p.add_argument("--compilation-config", default=None, metavar="JSON",
                    help="compiler settings as JSON, e.g. '{\"mode\": \"compile\", \"graph_mode\": \"piecewise\"}' "
-                        "(default: eager)")
+                        "(default: the platform's: compile + full_and_piecewise CUDA graphs on a GPU, eager on CPU)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no compilation and no static graphs, whatever --compilation-config says (vLLM's flag)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,

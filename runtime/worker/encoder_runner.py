@@ -62,7 +62,7 @@ class EncoderRunner:
             self._allocate_buffers(encoder.patch_dim)
             self.runtime = GraphRuntime(current_platform, current_platform.graph_pool_handle(),
                                         debug=self.config.debug)
-            self.graphs = StaticGraphRunner(self._forward, "encoder", frozenset(self.budgets))
+            self.graphs = StaticGraphRunner(self._forward, "encoder", frozenset(self.budgets), kind="encoder")
 
     def _allocate_buffers(self, patch_dim: int) -> None:
         n, dtype = self.max_patches, next(self.encoder.parameters()).dtype

@@ -29,7 +29,7 @@ class GraphDriver:
         """``ubatch_streams`` (DBO): one stream per micro-batch slot, whose graphs are captured per
         size and replayed on that stream."""
         self.model = model
-        self.dispatcher = GraphDispatcher(config, max_tokens, current_platform.supports_static_graphs)
+        self.dispatcher = GraphDispatcher(config, max_tokens, max_seqs, current_platform.supports_static_graphs)
         self.runtime = (GraphRuntime(current_platform, current_platform.graph_pool_handle(), debug=config.debug)
                         if self.dispatcher.enabled else None)
         # One runtime per micro-batch slot, each carrying its slot and its own per-step mode (the two
@@ -40,17 +40,16 @@ class GraphDriver:
         self.ubatch_runtimes = ([GraphRuntime(current_platform, current_platform.graph_pool_handle(),
                                               debug=config.debug, ubatch=i, capture_stream=stream)
                                  for i, stream in enumerate(ubatch_streams)] if self.runtime is not None else [])
-        # A full graph pads the batch to one sequence per token, so it is bounded by the sequence buffers.
-        self.full_sizes = [s for s in self.dispatcher.sizes if s <= max_seqs] if self.dispatcher.full else []
-        self.full = StaticGraphRunner(self._forward, "full", frozenset(self.full_sizes)) if self.full_sizes else None
+        self.full = (StaticGraphRunner(self._forward, "full", frozenset(self.dispatcher.full_sizes), kind="full")
+                     if self.dispatcher.full else None)
+        # Where the KV cache is sized by profiling: the pool expected then (piecewise graphs captured, full estimated).
+        self.estimated_pool_bytes: int | None = None
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def plan(self, num_tokens: int, uniform_decode: bool, ubatch: int | None = None) -> Dispatch:
         dispatch = self.dispatcher.dispatch(BatchDescriptor(num_tokens, uniform_decode, ubatch))
-        if dispatch.mode == "full" and dispatch.padded_tokens not in self.full_sizes:
-            dispatch = self.dispatcher.dispatch(BatchDescriptor(num_tokens, False, ubatch))
         if self.dispatcher.enabled and dispatch.mode == "none":
             counters.eager_fallbacks += 1
         return dispatch
@@ -66,13 +65,17 @@ class GraphDriver:
 
     def run(self, dispatch: Dispatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The forward for this step (or micro-batch); call inside ``forward_context(..., dispatch)``."""
-        if dispatch.mode == "full":
+        if dispatch.mode == "full" and self.full is not None:  # None: disabled since this step was planned
             hidden = self.full(self._runtime(dispatch.ubatch), dispatch.padded_tokens, (input_ids, positions))
             if self.full.failed:
                 self.dispatcher.disable_full("capture failed")
-                self.full, self.full_sizes = None, []
+                self.full = None
             return hidden
-        return self.model(input_ids, positions)
+        hidden = self.model(input_ids, positions)
+        if dispatch.mode == "piecewise" and "piecewise" in self._runtime(dispatch.ubatch).failed_kinds \
+                and self.dispatcher.piecewise:
+            self.dispatcher.disable_piecewise("a piece's capture failed")
+        return hidden
 
     def capture_sizes(self) -> list[tuple[str, int, int | None]]:
         """(mode, size, micro-batch slot) to capture at start-up, largest first (later sizes reuse its
@@ -80,19 +83,28 @@ class GraphDriver:
         if not self.dispatcher.enabled:
             return []
         plan = []
-        slots = [(None, self.dispatcher.sizes)] + [(rt.ubatch, self.dispatcher.ubatch_sizes)
-                                                    for rt in self.ubatch_runtimes]
-        for ubatch, sizes in slots:
-            for size in sorted(set(sizes), reverse=True):
-                if size in self.full_sizes:
-                    plan.append(("full", size, ubatch))
-                if self.dispatcher.piecewise:
-                    plan.append(("piecewise", size, ubatch))
+        for ubatch in [None, *(rt.ubatch for rt in self.ubatch_runtimes)]:
+            graphs = [(mode, size) for mode in ("full", "piecewise") for size in self.dispatcher.sizes(mode, ubatch)]
+            plan += [(mode, size, ubatch) for mode, size in sorted(graphs, key=lambda g: -g[1])]
         return plan
 
     def pool_bytes(self) -> int:
         """Graph pool memory captured so far (whole-step and micro-batch graphs)."""
         return sum(r.pool_bytes for r in [self.runtime, *self.ubatch_runtimes] if r is not None)
+
+    def pool_by_mode(self) -> dict[str, float]:
+        """Graph pool MiB by graph kind ("full", "piecewise"; "+ubatch" for DBO slots), summed over sizes."""
+        out: dict[str, float] = {}
+        for rt in [self.runtime, *self.ubatch_runtimes]:
+            for (kind, _size), grown in (rt.pool_growth.items() if rt is not None else ()):
+                name = kind if rt.ubatch is None else f"{kind}+ubatch"
+                out[name] = out.get(name, 0.0) + grown / 2**20
+        return out
+
+    def pool_by_size(self) -> list[tuple[str, int, float]]:
+        """(kind, size, MiB the pool grew by when its graphs were captured), whole-step graphs in capture order."""
+        return [(kind, size, grown / 2**20) for (kind, size), grown in self.runtime.pool_growth.items()] \
+            if self.runtime is not None else []
 
     def report_capture(self) -> None:
         """Log what was captured and hand it to the decoder's graph dump (``compiler.inspect`` shows it)."""
@@ -103,10 +115,15 @@ class GraphDriver:
             return
         runtimes = [self.runtime, *self.ubatch_runtimes]
         seconds, pool = sum(r.capture_seconds for r in runtimes), sum(r.pool_bytes for r in runtimes)
-        logger.info("captured %d static graphs in %.1f s; graph pool %.1f MiB", counters.graphs_captured, seconds,
-                    pool / 2**20)
+        estimate = (f" (expected {self.estimated_pool_bytes / 2**20:.1f} MiB when the KV cache was sized)"
+                    if self.estimated_pool_bytes is not None else "")
+        logger.info("captured %d static graphs in %.1f s; graph pool %.1f MiB%s; by mode: %s", counters.graphs_captured,
+                    seconds, pool / 2**20, estimate, ", ".join(f"{mode} {mib:.1f} MiB" for mode, mib in
+                                                                self.pool_by_mode().items()))
         mode = "full_and_piecewise" if self.dispatcher.full and self.dispatcher.piecewise else \
             ("full" if self.dispatcher.full else "piecewise")
         record_capture(self.model, {"mode": mode, "sizes": sorted({size for _, size, _ in self.capture_sizes()}),
-                                    "full_sizes": sorted(self.full_sizes), "graphs": counters.graphs_captured,
-                                    "graph_pool_bytes": pool, "capture_s": seconds})
+                                    "full_sizes": list(self.dispatcher.full_sizes), "graphs": counters.graphs_captured,
+                                    "graph_pool_bytes": pool, "capture_s": seconds,
+                                    "graph_pool_estimate_bytes": self.estimated_pool_bytes,
+                                    "graph_pool_by_size": self.pool_by_size()})

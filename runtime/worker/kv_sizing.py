@@ -14,6 +14,9 @@ _CPU_KV_SHARE = 0.25  # of available RAM, when no KV size is given on a platform
 # A CPU is compute-bound long before 1 GiB of KV (23k tokens of SmolLM2 in fp32) is full, and the cache is zeroed
 # at start-up: 4 GiB took 2.6 s of the 2-core machine (plus page faults), for blocks that were never used.
 _CPU_KV_CAP = 1 * GiB
+# Full graphs' pool estimate over an eager forward's peak at their largest size: the pool rounds its
+# allocations into segments it cannot share with the rest of the allocator.
+_GRAPH_POOL_MARGIN = 1.25
 
 
 def plan_kv_blocks(cfg: EngineConfig, runner: ModelRunner) -> int:
@@ -24,14 +27,20 @@ def plan_kv_blocks(cfg: EngineConfig, runner: ModelRunner) -> int:
     elif cfg.kv_cache_memory_gb is not None:
         blocks, how = int(cfg.kv_cache_memory_gb * GiB) // per_block, "fixed by kv_cache_memory_gb"
     elif current_platform.supports_memory_profiling:
-        peak = runner.profile_peak_bytes()
+        peak = profile_peak_bytes(runner)
+        # Full graphs are captured after the KV cache is allocated (they bake in its addresses), so what
+        # they add to the graph pool (captured piecewise graphs are in use already) is estimated and kept free.
+        graphs = estimate_full_graph_bytes(runner)
+        runner.graphs.estimated_pool_bytes = runner.graphs.pool_bytes() + graphs
         info = current_platform.memory_info()
         # Memory in use counts every process on the device, as vLLM's gpu_memory_utilization does; the
         # split says whose it is (a second engine in one process, another process, or the driver's context).
         in_use = info.total_bytes - info.free_bytes
         ours = current_platform.memory_reserved()
-        blocks = int(info.total_bytes * cfg.gpu_memory_utilization - in_use - peak) // per_block
-        how = (f"profiled: activation peak {peak / GiB:.2f} GiB, {cfg.gpu_memory_utilization:.0%} of "
+        blocks = int(info.total_bytes * cfg.gpu_memory_utilization - in_use - peak - graphs) // per_block
+        how = (f"profiled: activation peak {peak / GiB:.2f} GiB, piecewise graphs {runner.graphs.pool_bytes() / GiB:.2f} "
+               f"GiB, full graphs (estimated) {graphs / GiB:.2f} GiB, "
+               f"{cfg.gpu_memory_utilization:.0%} of "
                f"{info.total_bytes / GiB:.1f} GiB, {in_use / GiB:.1f} GiB already in use on the device "
                f"({ours / GiB:.1f} GiB held by this process's allocator: weights and anything still cached; "
                f"{(in_use - ours) / GiB:.1f} GiB outside it: other processes and the driver's context)")
@@ -46,3 +55,33 @@ def plan_kv_blocks(cfg: EngineConfig, runner: ModelRunner) -> int:
     logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %d tokens), %s", blocks, cfg.block_size,
                 blocks * per_block / GiB, blocks * cfg.block_size, how)
     return blocks
+
+
+def _peak_bytes_of(runner: ModelRunner, num_tokens: int, sample: bool) -> int:
+    current_platform.synchronize()
+    current_platform.reset_peak_memory()
+    before = current_platform.memory_allocated()
+    runner.dummy_run(num_tokens, sample)
+    current_platform.synchronize()
+    peak = current_platform.peak_memory_bytes() - before
+    current_platform.empty_cache()
+    return peak
+
+
+def profile_peak_bytes(runner: ModelRunner) -> int:
+    """Peak activation memory of a step: a dummy forward at the full token budget, then as many rows
+    sampled as a step may hold."""
+    return _peak_bytes_of(runner, runner.max_num_tokens, sample=True)
+
+
+def estimate_full_graph_bytes(runner: ModelRunner) -> int:
+    """Device memory the full graphs will add to the graph pool, before they are captured: an eager
+    forward's peak at their largest size (plus a margin for the pool's rounding into segments), per
+    pool. An upper bound where piecewise graphs came first: full graphs reuse their pool's free blocks."""
+    sizes = runner.graphs.dispatcher
+    if not sizes.full_sizes:
+        return 0
+    estimate = _peak_bytes_of(runner, max(sizes.full_sizes), sample=False)
+    if runner.graphs.ubatch_runtimes and sizes.ubatch_full_sizes:
+        estimate += len(runner.graphs.ubatch_runtimes) * _peak_bytes_of(runner, max(sizes.ubatch_full_sizes), sample=False)
+    return int(estimate * _GRAPH_POOL_MARGIN)

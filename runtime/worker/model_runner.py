@@ -12,10 +12,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compiler.config import CompilationConfig
+from compiler.counters import counters
 from compiler.dispatcher import Dispatch
 from runtime.attention.kv_tensors import allocate_kv_caches, kv_bytes_per_block
 from runtime.attention.metadata import AttentionMetadata
 from runtime.contracts.config import DBOThresholds
+from runtime.contracts.sampling_params import SamplingParams
 from runtime.contracts.scheduler_output import ScheduledRequest, SchedulerOutput
 from runtime.forward_context import BatchDescriptor, set_forward_context
 from runtime.platforms import current_platform
@@ -117,8 +119,9 @@ class ModelRunner:
         return kv_bytes_per_block(self.model, self.block_size, self.dtype)
 
     @torch.inference_mode()
-    def dummy_run(self, num_tokens: int) -> None:
-        """A forward over ``num_tokens`` tokens that writes no KV (slots -1, a one-block dummy cache)."""
+    def dummy_run(self, num_tokens: int, sample: bool = False) -> None:
+        """A forward over ``num_tokens`` tokens that writes no KV (slots -1, a one-block dummy cache);
+        ``sample``: logits and sampling for as many sequences as a step may hold (the memory profile)."""
         seq_len = min(self.max_model_len, num_tokens)
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         lens = lens[: self.max_num_seqs]
@@ -131,38 +134,46 @@ class ModelRunner:
             self.multimodal.prepare_profile(n)
         with set_forward_context(md, dummy_kv):
             hidden = self.model(self.buffers.input_ids[:n], self.buffers.positions[:n])
-            self.model.compute_logits(hidden[: len(lens)])
-
-    def profile_peak_bytes(self) -> int:
-        """Peak activation memory of a dummy step at the full token budget."""
-        current_platform.synchronize()
-        current_platform.reset_peak_memory()
-        before = current_platform.peak_memory_bytes()
-        self.dummy_run(self.max_num_tokens)
-        current_platform.synchronize()
-        peak = current_platform.peak_memory_bytes() - before
-        current_platform.empty_cache()
-        return peak
+            if not sample:
+                self.model.compute_logits(hidden[: len(lens)])
+                return
+            # As many rows as a step may sample, the costliest way (top-k and top-p sort the vocabulary).
+            rows = min(n, self.max_num_seqs)
+            params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1)
+            batch = SamplingBatch.build([params] * rows, [[0]] * rows, [[0]] * rows, self.vocab_size, self.device)
+            self.sampler(self.model.compute_logits(hidden[:rows]), batch)
 
     def warmup(self) -> None:
         """Run the model once so compilation (a single trace) happens at start-up."""
         self.dummy_run(min(self.max_num_tokens, 16))
 
     @torch.inference_mode()
-    def capture_graphs(self) -> None:
-        """Warm up and capture every (mode, size) graph, largest first, before serving."""
-        plan = self.graphs.capture_sizes()
+    def capture_graphs(self, modes: tuple[str, ...]) -> None:
+        """Warm up and capture the graphs of ``modes`` ("full", "piecewise"), largest first. Piecewise graphs
+        hold no KV cache address (attention runs between them), so they may be captured before the cache
+        exists, on a one-block stand-in; full graphs bake the cache's addresses in."""
+        plan = [(mode, size, ubatch) for mode, size, ubatch in self.graphs.capture_sizes() if mode in modes]
+        kv_caches = self.kv_caches or allocate_kv_caches(self.model, 1, self.block_size, self.dtype, self.device)
         # disable=None: a bar on a terminal only; logs get the summary line of report_capture instead.
-        for mode, size, ubatch in tqdm(plan, desc="Capturing graphs", unit="graph", leave=False,
+        for mode, size, ubatch in tqdm(plan, desc=f"Capturing {'/'.join(modes)} graphs", unit="graph", leave=False,
                                        disable=None if plan else True):
-            for _ in range(2):  # the first call at a size warms up, the second captures
-                self._dummy_step(mode, size, ubatch)
+            if not self.graphs.dispatcher.sizes(mode, ubatch):
+                continue  # a capture of this mode failed: its graphs are off (and their plan with them)
+            captured = counters.graphs_captured
+            self._dummy_step(mode, size, ubatch, kv_caches)
+            if counters.graphs_captured == captured:  # that call warmed this size's class up: now capture
+                self._dummy_step(mode, size, ubatch, kv_caches)
+        current_platform.synchronize()
+
+    @torch.inference_mode()
+    def finish_capture(self) -> None:
+        """The vision encoder's graphs, then the report of everything captured."""
         if self.multimodal is not None:
             self.multimodal.encoder.capture()
         current_platform.synchronize()
         self.graphs.report_capture()
 
-    def _dummy_step(self, mode: str, size: int, ubatch: int | None = None) -> None:
+    def _dummy_step(self, mode: str, size: int, ubatch: int | None, kv_caches: dict[str, torch.Tensor]) -> None:
         """``size`` one-token sequences writing nowhere (slot -1), through the persistent buffers
         (micro-batch slot ``ubatch``'s under DBO: its graphs are captured from the calling thread)."""
         buf = self.buffers if ubatch is None else self.ubatch_buffers[ubatch]
@@ -180,7 +191,7 @@ class ModelRunner:
             max_query_len=size - seqs + 1, max_seq_len=size - seqs + 1, block_size=self.block_size,
             query_lens_cpu=[1] * (seqs - 1) + [size - seqs + 1], seq_lens_cpu=[1] * (seqs - 1) + [size - seqs + 1])
         dispatch = Dispatch(mode, size, BatchDescriptor(size, mode == "full", ubatch))
-        with self.graphs.forward_context(md, self.kv_caches, dispatch):
+        with self.graphs.forward_context(md, kv_caches, dispatch):
             self.graphs.run(dispatch, buf.input_ids[:size], buf.positions[:size])
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

@@ -81,17 +81,22 @@ class Worker:
 
     # ---- start-up ----------------------------------------------------------------------------
     def plan_kv_blocks(self) -> int:
-        """KV cache blocks this rank can hold (the executor takes the minimum over ranks)."""
+        """KV cache blocks this rank can hold (the executor takes the minimum over ranks). Piecewise graphs
+        are captured first: they need no KV cache, and their pool is then measured instead of estimated."""
+        with self._phase("warmup_s"):
+            self.runner.warmup()  # compiles (one trace) before anything is measured or captured
+        with self._phase("capture_s"):
+            self.runner.capture_graphs(("piecewise",))
         with self._phase("memory_profile_s"):
             return plan_kv_blocks(self.config, self.runner)
 
     def initialize(self, num_blocks: int) -> None:
-        with self._phase("warmup_s"):
-            self.runner.warmup()  # compiles (one trace) before the first request, not during it
         with self._phase("kv_allocate_s"):
             self.runner.allocate_kv_cache(num_blocks)
-        with self._phase("capture_s"):
-            self.runner.capture_graphs()  # full graphs bake in the KV cache addresses: allocate first
+        with self._phase("capture_full_s"):
+            self.runner.capture_graphs(("full",))  # full graphs bake in the KV cache addresses: allocate first
+            self.runner.finish_capture()
+        self.startup_s["capture_s"] += self.startup_s.pop("capture_full_s")
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -103,10 +108,11 @@ class Worker:
 
     def startup_report(self) -> dict[str, float | int]:
         """Where this rank's start-up went: seconds per phase (the model's compilation happens inside its first
-        forward: the memory profile's, or the warm-up's where the KV size is fixed), what was captured, and the
-        compile cache's hits and misses."""
+        forward, the warm-up's), what was captured, and the compile cache's hits and misses."""
         return {**self.startup_s, **compile_timings(self.runner.model), "graphs": counters.graphs_captured,
                 "graph_pool_mib": self.runner.graphs.pool_bytes() / 2**20,
+                "graph_pool_estimate_mib": (estimate / 2**20 if (estimate := self.runner.graphs.estimated_pool_bytes)
+                                            is not None else None),
                 "cache_hits": counters.cache_hits, "cache_misses": counters.cache_misses}
 
     # ---- stepping ----------------------------------------------------------------------------

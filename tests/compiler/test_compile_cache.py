@@ -68,3 +68,17 @@ def test_warm_start_is_a_cache_hit_and_faster(tmp_path):
     assert "unreadable" in rebuilt_log and rebuilt["tokens"] == cold["tokens"]
     again, _ = _run(ckpt, config, env)
     assert again["hits"] == 3  # the rebuilt entry was written back
+
+
+@pytest.mark.slow
+def test_identical_pieces_compile_once_per_process(tmp_path):
+    """Four layers -> five pieces, of which the three middle ones (a layer's MLP and the next layer's
+    attention inputs) have the same code and inputs: one compile serves them all."""
+    ckpt = write_tiny_checkpoint("LlamaForCausalLM", str(tmp_path / "llama"), num_hidden_layers=4)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), PYTHONPATH=ROOT)
+    config = {"mode": "compile", "backend": "inductor", "cache_dir": str(tmp_path / "cache")}
+    cold, _ = _run(ckpt, config, env)
+    assert cold["misses"] == 3 and cold["hits"] == 2, cold
+    assert len([f for f in os.listdir(cold["cache_dir"]) if f.endswith(".bin")]) == 3
+    warm, _ = _run(ckpt, config, env)
+    assert warm["misses"] == 0 and warm["hits"] == 5 and warm["tokens"] == cold["tokens"]

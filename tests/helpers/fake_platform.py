@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import unittest.mock
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -51,6 +52,19 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, out))
         return out
+
+
+def _refuse_host_read(self: torch.Tensor, *args: Any) -> Any:
+    raise RuntimeError("operation not permitted when stream is capturing (fake platform: a host read)")
+
+
+@contextlib.contextmanager
+def _refusing_host_reads() -> Iterator[None]:
+    """A device graph cannot hold a host read: CUDA fails the capture of ``.item()`` / ``.tolist()``, and
+    so does the fake one (patched at the Python level, so custom ops' own code is covered too)."""
+    with unittest.mock.patch.object(torch.Tensor, "item", _refuse_host_read), \
+            unittest.mock.patch.object(torch.Tensor, "tolist", _refuse_host_read):
+        yield
 
 
 class FakeGraph:
@@ -154,7 +168,7 @@ class FakePlatform(Platform):
         CALLS["graph_capture"] += 1
         POOLS_USED.append(pool)
         CAPTURE_STREAMS.append(stream)
-        with _Recorder(graph.ops):
+        with _Recorder(graph.ops), _refusing_host_reads():
             yield
 
     def op_kernel(self, op_name: str) -> Callable[..., Any] | None:

@@ -175,7 +175,9 @@ def test_memory_profile_runs_encoder_at_largest_budget_and_the_merge(compiled_ll
     merge = qwen2_vl.merge_image_embeddings
     monkeypatch.setattr(qwen2_vl, "merge_image_embeddings",
                         lambda e, is_image, image: merged_rows.append(int(is_image.sum())) or merge(e, is_image, image))
-    runner.profile_peak_bytes()
+    from runtime.worker.kv_sizing import profile_peak_bytes
+
+    profile_peak_bytes(runner)
     assert encoder_batches == [256], "one encoder batch at max_image_patches"
     assert merged_rows == [16], "its 64 merged rows fill the whole 16-token profile step"
 

@@ -195,7 +195,7 @@ class _FakeGraphPlatform:
     def graph_capture(self, graph, pool, stream=None):
         return contextlib.nullcontext()
 
-    def memory_allocated(self):
+    def memory_reserved(self):
         return 0
 
 

@@ -129,8 +129,8 @@ def test_latency_graph_modes_and_kernel_counting(checkpoints, tmp_path, capsys):
 def test_latency_with_dbo_under_tensor_parallelism_measures_off_and_on_on_one_engine(checkpoints, tmp_path, capsys):
     rows, printed = _run("latency_tp_dbo", checkpoints, tmp_path, capsys)
     _check_schema(rows, LATENCY_COLUMNS, printed)
-    assert [(r["config"], r["batch"]) for r in rows] == [("eager,dbo=off", 4), ("eager,dbo=on", 4),
-                                                          ("eager,dbo=off", 8), ("eager,dbo=on", 8)]
+    assert [(r["config"], r["batch"]) for r in rows] == [("default,dbo=off", 4), ("default,dbo=on", 4),
+                                                          ("default,dbo=off", 8), ("default,dbo=on", 8)]
     assert len({r["cold_start_s"] for r in rows}) == 1, "one engine start for both states"
     assert [r["dbo_steps"] > 0 for r in rows] == [False, True, False, True]
     assert all(r["tp"] == 2 and r["forward_ms"] > 0 for r in rows)
@@ -139,12 +139,12 @@ def test_latency_with_dbo_under_tensor_parallelism_measures_off_and_on_on_one_en
 def test_latency_of_an_moe_model_with_expert_parallelism(checkpoints, tmp_path, capsys):
     rows, printed = _run("latency_moe_ep", checkpoints, tmp_path, capsys)
     _check_schema(rows, LATENCY_COLUMNS, printed)
-    assert [(r["config"], r["tp"]) for r in rows] == [("eager", 2)]
+    assert [(r["config"], r["tp"]) for r in rows] == [("default", 2)]
 
 
 def test_dbo_on_one_device_stays_off_by_policy_and_both_rows_run_unsplit(checkpoints, tmp_path, capsys, caplog):
     rows, _ = _run("latency_dbo_one_device", checkpoints, tmp_path, capsys)
-    assert [r["config"] for r in rows] == ["eager,dbo=off", "eager,dbo=on"]
+    assert [r["config"] for r in rows] == ["default,dbo=off", "default,dbo=on"]
     assert [r["dbo_steps"] for r in rows] == [0, 0]
     assert any("DBO off on one device" in r.getMessage() for r in caplog.records)
 
@@ -161,9 +161,9 @@ def test_throughput_with_dbo_and_a_graph_mode(checkpoints, tmp_path, capsys):
 def test_throughput_under_tensor_and_expert_parallelism(checkpoints, tmp_path, capsys):
     rows, printed = _run("throughput_tp", checkpoints, tmp_path, capsys)
     _check_schema(rows, THROUGHPUT_COLUMNS, printed)
-    assert [(r["config"], r["requests"], r["tp"]) for r in rows] == [("eager", 4, 2)]
+    assert [(r["config"], r["requests"], r["tp"]) for r in rows] == [("default", 4, 2)]
     # --profile under tensor parallelism: each rank writes its own trace.
-    traces = sorted(p.name.split("-")[1] for p in (tmp_path / "traces" / "eager").glob("*.trace.json"))
+    traces = sorted(p.name.split("-")[1] for p in (tmp_path / "traces" / "default").glob("*.trace.json"))
     assert traces == ["rank0", "rank1"]
 
 
@@ -171,7 +171,7 @@ def test_throughput_under_tensor_and_expert_parallelism(checkpoints, tmp_path, c
 def test_a_vision_model_with_its_encoder_backend_chosen(checkpoints, tmp_path, capsys, name, columns):
     rows, printed = _run(name, checkpoints, tmp_path, capsys)
     _check_schema(rows, columns, printed)
-    assert [r["config"] for r in rows] == ["eager"]
+    assert [r["config"] for r in rows] == ["default"]
 
 
 @pytest.mark.parametrize("name,columns", [("latency_scheduling", LATENCY_COLUMNS),
@@ -179,7 +179,7 @@ def test_a_vision_model_with_its_encoder_backend_chosen(checkpoints, tmp_path, c
 def test_sync_and_async_scheduling_side_by_side(name, columns, checkpoints, tmp_path, capsys):
     rows, printed = _run(name, checkpoints, tmp_path, capsys)
     _check_schema(rows, columns, printed)
-    assert [r["config"] for r in rows] == ["eager,sync", "eager,async"]
+    assert [r["config"] for r in rows] == ["default,sync", "default,async"]
     if name.startswith("latency"):
         assert all(0 < r["host_ms"] <= r["median_ms"] * 1.5 for r in rows)
     else:

@@ -62,3 +62,31 @@ def test_serve_flag_reaches_the_engine_config(monkeypatch):
         _build_engine(args)
     assert seen["config"].enforce_eager and seen["config"].compilation_config.mode == "eager"
     assert "--enforce-eager" in build_parser().format_help()
+
+
+def test_the_default_config_is_the_platforms_and_says_so(caplog):
+    """CompilationConfig() is the platform's default: eager on CPU (CUDA: compile + full_and_piecewise,
+    checked in tests/gpu); the engine names it in one log line."""
+    from runtime.contracts.config import EngineConfig
+    from runtime.platforms import current_platform
+
+    assert current_platform.name == "cpu"
+    assert (CompilationConfig().mode, CompilationConfig().graph_mode) == ("eager", "none")
+    with caplog.at_level(logging.INFO, logger="runtime.contracts.config"):
+        EngineConfig(model="unused")
+    assert [r.getMessage() for r in caplog.records] == [
+        "compilation: the cpu platform's default, mode=eager graph_mode=none"]
+    # Left to the platform, then resolved: an explicit eager mode means no graphs anywhere.
+    assert CompilationConfig(mode="eager").graph_mode == "none"
+    assert CompilationConfig.eager().is_eager
+
+
+def test_a_device_platforms_default_compiles_and_captures(monkeypatch):
+    from runtime.platforms.cuda import CudaPlatform
+    import compiler.config as config_module
+
+    monkeypatch.setattr(config_module, "current_platform", CudaPlatform())
+    config = CompilationConfig()
+    assert (config.mode, config.graph_mode, config.backend) == ("compile", "full_and_piecewise", None)
+    assert CompilationConfig(mode="eager").graph_mode == "none"
+    assert CompilationConfig(graph_mode="piecewise").mode == "compile"

@@ -134,7 +134,9 @@ def test_kv_planning_on_a_full_device_names_what_holds_the_memory(monkeypatch):
     device = SimpleNamespace(supports_memory_profiling=True, memory_reserved=lambda: 3 * GiB,
                              memory_info=lambda: MemoryInfo(free_bytes=10 * GiB, total_bytes=140 * GiB))
     monkeypatch.setattr(kv_sizing, "current_platform", device)
-    runner = SimpleNamespace(bytes_per_block=lambda: 1 << 20, profile_peak_bytes=lambda: GiB // 4)
+    monkeypatch.setattr(kv_sizing, "profile_peak_bytes", lambda runner: GiB // 4)
+    monkeypatch.setattr(kv_sizing, "estimate_full_graph_bytes", lambda runner: 0)
+    runner = SimpleNamespace(bytes_per_block=lambda: 1 << 20, graphs=SimpleNamespace(pool_bytes=lambda: 0))
     config = EngineConfig(model="unused")
     with pytest.raises(RuntimeError, match=r"130\.0 GiB already in use on the device \(3\.0 GiB held by this "
                                            r"process's allocator.*127\.0 GiB outside it.*kv_cache_memory_gb"):

@@ -120,10 +120,35 @@ def _store_only(md, cache, k, v):
 def test_dispatcher_pads_micro_batches_to_their_own_sizes():
     cfg = CompilationConfig(mode="compile", graph_mode="full_and_piecewise",
                             capture_sizes=[1, 2, 4, 8, 16, 32, 48])
-    d = GraphDispatcher(cfg, max_tokens=48, platform_has_graphs=True)
-    assert d.ubatch_sizes == [1, 2, 4, 8, 16, 32]  # a micro-batch holds at most 24 tokens: padded to 32
+    d = GraphDispatcher(cfg, max_tokens=48, max_seqs=48, platform_has_graphs=True)
+    # a micro-batch holds at most 24 tokens: padded to 32
+    assert d.sizes("piecewise", ubatch=0) == d.sizes("full", ubatch=1) == [1, 2, 4, 8, 16, 32]
     whole, micro = d.dispatch(BatchDescriptor(40, True)), d.dispatch(BatchDescriptor(20, True, ubatch=1))
     assert (whole.mode, whole.padded_tokens, whole.ubatch) == ("full", 48, None)
     assert (micro.mode, micro.padded_tokens, micro.ubatch) == ("full", 32, 1)
     assert d.dispatch(BatchDescriptor(20, False, ubatch=0)).mode == "piecewise"
     assert d.dispatch(BatchDescriptor(33, False, ubatch=0)).mode == "none"  # beyond the micro-batch sizes
+
+
+def test_dispatcher_full_and_piecewise_ladders_are_separate():
+    """Default ladders: full graphs for uniform decode up to max_num_seqs, a coarser piecewise ladder up to
+    the token budget (capped at 512); a decode step past the full ladder runs piecewise."""
+    cfg = CompilationConfig(mode="compile", graph_mode="full_and_piecewise")
+    d = GraphDispatcher(cfg, max_tokens=2048, max_seqs=64, platform_has_graphs=True)
+    assert d.sizes("full") == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert d.sizes("piecewise") == [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+    assert d.dispatch(BatchDescriptor(20, True)).padded_tokens == 24  # decode: the fine ladder
+    assert d.dispatch(BatchDescriptor(20, False)).padded_tokens == 32  # mixed: the coarse one
+    beyond = d.dispatch(BatchDescriptor(100, True))  # more sequences than max_num_seqs' full graphs
+    assert (beyond.mode, beyond.padded_tokens) == ("piecewise", 128)
+    assert d.dispatch(BatchDescriptor(600, False)).mode == "none"
+    d.disable_full("test")
+    assert d.dispatch(BatchDescriptor(20, True)).mode == "piecewise" and d.sizes("full", ubatch=0) == []
+
+
+def test_explicit_capture_sizes_serve_both_modes_unless_full_sizes_are_given():
+    cfg = CompilationConfig(mode="compile", graph_mode="full_and_piecewise", capture_sizes=[1, 8, 64])
+    assert cfg.full_sizes(max_seqs=16, max_tokens=256) == [1, 8] and cfg.piecewise_sizes(256) == [1, 8, 64]
+    cfg = CompilationConfig(mode="compile", graph_mode="full", capture_sizes=[1, 8, 64], full_capture_sizes=[2, 4])
+    d = GraphDispatcher(cfg, max_tokens=256, max_seqs=16, platform_has_graphs=True)
+    assert d.sizes("full") == [2, 4] and d.sizes("piecewise") == []  # graph_mode full: no piecewise graphs
