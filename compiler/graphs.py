@@ -1,8 +1,9 @@
 """Static device graphs (CUDA graphs; ACL graphs on Ascend) around a callable, one per capture size.
 
 ``StaticGraphRunner`` wraps a compiled piece (piecewise mode) or a whole forward (full mode). The
-first call in a size class runs eagerly (warm-up: autotuning, lazy init, Triton variants; see
-``_specialization``), later first calls at a size capture, later ones replay. Inputs must keep their addresses across replays (persistent runner buffers, outputs of
+first call at a size runs eagerly (warm-up: autotuning, lazy init, and the Triton variants a size
+picks: kernels choose constexprs such as the attention's split count from the shapes, and a variant
+compiled inside a capture fails it), the second captures, later ones replay. Inputs must keep their addresses across replays (persistent runner buffers, outputs of
 earlier graphs in the shared pool); the debug mode checks that. The graph class, pool and capture
 context all come from the platform.
 
@@ -68,7 +69,7 @@ class StaticGraphRunner:
     capture_sizes: frozenset[int]
     kind: str = "graph"  # what the pool report groups it under: "full", "piecewise", "encoder"
     entries: dict[tuple[int | None, int], _Entry] = field(default_factory=dict)  # (ubatch, size) ->
-    warmed: set[tuple[int | None, tuple[bool, bool]]] = field(default_factory=set)  # (ubatch, _specialization)
+    warmed: set[tuple[int | None, int]] = field(default_factory=set)
     failed: bool = False
 
     def __call__(self, runtime: GraphRuntime, size: int, args: tuple[Any, ...]) -> Any:
@@ -82,9 +83,8 @@ class StaticGraphRunner:
             entry.graph.replay()
             counters.graph_replays += 1
             return entry.output
-        warm_key = (runtime.ubatch, _specialization(size))
-        if warm_key not in self.warmed:
-            self.warmed.add(warm_key)
+        if key not in self.warmed:
+            self.warmed.add(key)
             return self.fn(*args)
         return self._capture(runtime, size, args)
 
@@ -111,14 +111,6 @@ class StaticGraphRunner:
         # Capture records work without running it: replay once so this call returns real values.
         graph.replay()
         return output
-
-
-def _specialization(size: int) -> tuple[bool, bool]:
-    """Sizes that run the same compiled kernels. Triton specialises integer arguments that equal 1 or
-    are multiples of 16, so a kernel first launched at a size of another class compiles a variant (and
-    a variant compiled inside a capture would be recorded mid-compile). One warm-up per class, instead
-    of one per size, loads them all; the other sizes are captured on their first call."""
-    return size == 1, size % 16 == 0
 
 
 def non_owning(value: Any) -> Any:

@@ -12,7 +12,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compiler.config import CompilationConfig
-from compiler.counters import counters
 from compiler.dispatcher import Dispatch
 from runtime.attention.kv_tensors import allocate_kv_caches, kv_bytes_per_block
 from runtime.attention.metadata import AttentionMetadata
@@ -159,9 +158,7 @@ class ModelRunner:
                                        disable=None if plan else True):
             if not self.graphs.dispatcher.sizes(mode, ubatch):
                 continue  # a capture of this mode failed: its graphs are off (and their plan with them)
-            captured = counters.graphs_captured
-            self._dummy_step(mode, size, ubatch, kv_caches)
-            if counters.graphs_captured == captured:  # that call warmed this size's class up: now capture
+            for _ in range(2):  # the first call at a size warms up, the second captures
                 self._dummy_step(mode, size, ubatch, kv_caches)
         current_platform.synchronize()
 
