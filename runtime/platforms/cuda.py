@@ -52,7 +52,7 @@ class CudaPlatform(Platform):
                     torch.cuda.graph(graph, pool=pool, stream=stream):
                 yield
         except Exception:
-            _recover_from_failed_capture(caller_stream)
+            _recover_from_failed_capture(caller_stream, pool)
             raise
 
     def memory_allocated(self) -> int:
@@ -129,11 +129,19 @@ class CudaPlatform(Platform):
         torch.cuda.manual_seed_all(seed)
 
 
-def _recover_from_failed_capture(caller_stream: torch.cuda.Stream) -> None:
+def _recover_from_failed_capture(caller_stream: torch.cuda.Stream, pool: Any) -> None:
     """Leave the device as a failed capture found it. When an op invalidates a capture, ending it raises
-    inside torch.cuda.graph's exit, which skips the rest of the exit: the capture stream stays current,
-    and the RNG generators stay in capture mode (every later random op outside a graph then fails with
-    "Offset increment outside graph capture"). A capture that succeeds runs their epilogue."""
+    inside torch.cuda.graph's exit (torch 2.11), which skips the rest of the capture's ending: the caching
+    allocator keeps routing the stream's allocations to the graph's pool ("beginAllocateToPool: already
+    recording" at the next capture), the RNG generators stay in capture mode (every later random op
+    fails with "Offset increment outside graph capture") and the capture stream stays current. Undo the
+    first two, restore the stream; a capture that succeeds then runs the generators' epilogue."""
+    device = caller_stream.device.index
+    if pool is not None:
+        try:
+            torch._C._cuda_endAllocateToPool(device, pool)
+        except RuntimeError:  # the failed capture got as far as ending it
+            pass
     torch.cuda.set_stream(caller_stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -82,3 +82,17 @@ def test_identical_pieces_compile_once_per_process(tmp_path):
     assert len([f for f in os.listdir(cold["cache_dir"]) if f.endswith(".bin")]) == 3
     warm, _ = _run(ckpt, config, env)
     assert warm["misses"] == 0 and warm["hits"] == 5 and warm["tokens"] == cold["tokens"]
+
+
+def test_entries_of_another_torch_version_are_never_read(monkeypatch, tmp_path):
+    """The torch version is part of the global key: a process of another torch finds its own directory
+    (a miss, compiled and written there), never an artefact it could misread."""
+    import torch
+
+    from compiler.cache import CompileCache
+
+    key = CompileCache.make_global_key("cfg", "passes", "model", "cuda")
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    other = CompileCache.make_global_key("cfg", "passes", "model", "cuda")
+    assert key != other
+    assert CompileCache(str(tmp_path), key).directory != CompileCache(str(tmp_path), other).directory
