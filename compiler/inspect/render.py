@@ -78,6 +78,7 @@ def render_summary(facts: dict[str, Any]) -> str:
             shown = ", ".join(map(str, sizes[:8])) + (f", … ({len(sizes)} sizes)" if len(sizes) > 8 else "")
             out.append(f"  capture  mode={cap.get('mode')} sizes=[{shown}] graph pool "
                        f"{size_bytes(cap.get('graph_pool_bytes'))} in {seconds(cap.get('capture_s'))}")
+            out += _pool_lines(cap)
         else:
             out.append("  capture  none recorded (the model was compiled but no runtime captured it)")
         out += ["", table(["piece", "name", "kind", "ops", "chain", "in", "out", "top ops"],
@@ -183,3 +184,20 @@ def render_compare(facts: dict[str, Any]) -> str:
             out += ["", table(["pass", "matches A", "matches B"],
                               [[n, v["a"], v["b"]] for n, v in t["pass_matches"].items()])]
     return "\n".join(out)
+
+
+def _pool_lines(cap: dict) -> list[str]:
+    """What each graph kind added to the pool, the sizes that added most, and the estimate the KV cache
+    was sized with (captures recorded before these fields existed show none of it)."""
+    by_size = cap.get("graph_pool_by_size") or []
+    if not by_size:
+        return []
+    kinds: dict[str, float] = {}
+    for kind, _size, mib in by_size:
+        kinds[kind] = kinds.get(kind, 0.0) + mib
+    top = sorted(by_size, key=lambda e: -e[2])[:3]
+    expected = cap.get("graph_pool_estimate_bytes")
+    return [f"  pool     " + ", ".join(f"{kind} {mib:.1f} MiB" for kind, mib in kinds.items())
+            + f" (full sizes {cap.get('full_sizes')}); most: "
+            + ", ".join(f"{kind} {size} +{mib:.1f} MiB" for kind, size, mib in top)
+            + (f"; expected {size_bytes(expected)} when the KV cache was sized" if expected is not None else "")]

@@ -359,3 +359,15 @@ def test_an_engine_run_records_its_capture_and_trace_time(tmp_path, capsys):
     assert main([dump_dir]) == 0
     text = capsys.readouterr().out
     assert "capture  none (CPU: no static graphs on this platform)" in text and "trace=-" not in text
+
+
+def test_summary_reports_the_graph_pool_by_kind_and_the_sizes_that_cost_most():
+    from compiler.inspect.render import _pool_lines
+
+    capture = {"graph_pool_by_size": [["piecewise", 512, 90.0], ["full", 256, 4.0], ["piecewise", 448, 2.0],
+                                      ["piecewise", 1, 0.0]],
+               "full_sizes": [1, 2, 4, 8], "graph_pool_estimate_bytes": 120 * 2**20}
+    assert _pool_lines(capture) == [
+        "  pool     piecewise 92.0 MiB, full 4.0 MiB (full sizes [1, 2, 4, 8]); most: piecewise 512 +90.0 MiB, "
+        "full 256 +4.0 MiB, piecewise 448 +2.0 MiB; expected 120.0 MiB when the KV cache was sized"]
+    assert _pool_lines({"mode": "full", "graph_pool_bytes": 0}) == []  # a dump written before these fields
