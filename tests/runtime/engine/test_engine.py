@@ -144,6 +144,12 @@ def test_kv_planning_on_a_full_device_names_what_holds_the_memory(monkeypatch):
     # The same device with room: 85 % of 140 GiB minus 30 GiB in use minus the 0.25 GiB peak.
     device.memory_info = lambda: MemoryInfo(free_bytes=110 * GiB, total_bytes=140 * GiB)
     assert kv_sizing.plan_kv_blocks(config, runner) == int(0.85 * 140 * 1024 - 30 * 1024 - 256)
+    # With graphs: the piecewise ones, captured already, are in the memory in use; the full graphs' estimate
+    # is kept free, and the pool the KV cache was sized for is recorded for the capture report.
+    monkeypatch.setattr(kv_sizing, "estimate_full_graph_bytes", lambda runner: GiB // 2)
+    runner.graphs.pool_bytes = lambda: GiB // 8
+    assert kv_sizing.plan_kv_blocks(config, runner) == int(0.85 * 140 * 1024 - 30 * 1024 - 256 - 512)
+    assert runner.graphs.estimated_pool_bytes == GiB // 8 + GiB // 2
 
 
 def test_output_snapshot_copies_every_field():
