@@ -152,10 +152,12 @@ class ModelRunner:
         hold no KV cache address (attention runs between them), so they may be captured before the cache
         exists, on a one-block stand-in; full graphs bake the cache's addresses in."""
         plan = [(mode, size, ubatch) for mode, size, ubatch in self.graphs.capture_sizes() if mode in modes]
+        if not plan:
+            return
         kv_caches = self.kv_caches or allocate_kv_caches(self.model, 1, self.block_size, self.dtype, self.device)
         # disable=None: a bar on a terminal only; logs get the summary line of report_capture instead.
         for mode, size, ubatch in tqdm(plan, desc=f"Capturing {'/'.join(modes)} graphs", unit="graph", leave=False,
-                                       disable=None if plan else True):
+                                       disable=None):
             if not self.graphs.dispatcher.sizes(mode, ubatch):
                 continue  # a capture of this mode failed: its graphs are off (and their plan with them)
             for _ in range(2):  # the first call at a size warms up, the second captures
