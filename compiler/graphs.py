@@ -3,9 +3,9 @@
 ``StaticGraphRunner`` wraps a compiled piece (piecewise mode) or a whole forward (full mode). The
 first call at a size runs eagerly (warm-up: autotuning, lazy init, and the Triton variants a size
 picks: kernels choose constexprs such as the attention's split count from the shapes, and a variant
-compiled inside a capture fails it), the second captures, later ones replay. Inputs must keep their addresses across replays (persistent runner buffers, outputs of
-earlier graphs in the shared pool); the debug mode checks that. The graph class, pool and capture
-context all come from the platform.
+compiled inside a capture fails it), the second captures, later ones replay. Inputs must keep their
+addresses across replays (persistent runner buffers, outputs of earlier graphs in the shared pool);
+the debug mode checks that. The graph class, pool and capture context all come from the platform.
 
 A graph's output is kept as a view that does not own its memory: once the capture's forward is done
 with it, the memory goes back to the pool and later captures (smaller sizes, other pieces) reuse it, so
