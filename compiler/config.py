@@ -32,8 +32,9 @@ def resolve_cache_dir(cache_dir: str | None) -> str | None:
     return os.path.join(os.path.expanduser("~"), ".cache", "graphmode")
 
 
-# Piecewise graphs stop at 512 tokens: past that a step's pieces are long enough that launching them costs
-# little next to their work (docs/perf.md, "which piecewise sizes pay"), and each size is one graph per piece.
+# Piecewise graphs stop at 512 tokens, vLLM's default cap: past that a step's pieces are long enough that
+# launching them should cost little next to their work, and each size is one graph per piece. (Not yet
+# measured here: which sizes pay is an open item of issue 21.)
 MAX_PIECEWISE_CAPTURE = 512
 
 
