@@ -10,8 +10,11 @@ temporary directory: our compile cache and Inductor's); the warm run reuses it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -39,6 +42,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     s.add_argument("--cache-root", default=None,
                    help="where the runs keep their caches (default: a new temporary directory, so cold is cold)")
     s.add_argument("--json", default=None, help="write results to this file (rewritten as each run finishes)")
+    s.add_argument("--cprofile", default=None, metavar="DIR",
+                   help="profile each run's engine construction with cProfile: DIR/<run>.prof (read with pstats or "
+                        "snakeviz) and DIR/<run>.txt, the 40 costliest calls by cumulative time (default: off)")
 
 
 def bench_startup(args: argparse.Namespace, table: Any) -> None:
@@ -51,8 +57,11 @@ def bench_startup(args: argparse.Namespace, table: Any) -> None:
                TORCHINDUCTOR_CACHE_DIR=os.path.join(root, "inductor"))
     spec = {k: getattr(args, k) for k in ("model", "dtype", "compilation_config", "max_num_seqs",
                                           "max_num_batched_tokens", "max_model_len", "kv_cache_memory_gb")}
+    if args.cprofile:
+        os.makedirs(args.cprofile, exist_ok=True)
     for run in ("cold", "warm"):
-        table.add({"config": args.compilation_config, "run": run, **_run_child(spec, env)})
+        profile = os.path.join(args.cprofile, run) if args.cprofile else None
+        table.add({"config": args.compilation_config, "run": run, **_run_child({**spec, "cprofile": profile}, env)})
 
 
 def _run_child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
@@ -81,12 +90,22 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     engine_args = {k: spec[k] for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len")}
     if spec["kv_cache_memory_gb"]:
         engine_args["kv_cache_memory_gb"] = spec["kv_cache_memory_gb"]
+    profiler = cProfile.Profile() if spec.get("cprofile") else None
     start = time.perf_counter()
-    llm = LLM.from_loaded(loaded, **engine_args)
+    with profiler or contextlib.nullcontext():
+        llm = LLM.from_loaded(loaded, **engine_args)
     engine_s = time.perf_counter() - start
+    if profiler is not None:
+        _write_profile(profiler, spec["cprofile"])
     report = llm.engine.startup_report()
     report.pop("load_s", None)  # the worker's own load: none here, the model came loaded
     return {"load_s": load_s, "engine_s": engine_s, **report}
+
+
+def _write_profile(profiler: cProfile.Profile, path: str) -> None:
+    profiler.dump_stats(f"{path}.prof")
+    with open(f"{path}.txt", "w") as out:
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ INVOCATIONS = {
     "startup": ["startup", "--model", "{llama}", "--dtype", "float32", "--compilation-config",
                 '{"mode": "compile", "backend": "eager"}', "--max-num-seqs", "4", "--max-num-batched-tokens", "64",
                 "--max-model-len", "64", "--kv-cache-memory-gb", "0.05", "--cache-root", "{profile}",
-                "--log-level", "ERROR", "--json", "{json}"],
+                "--cprofile", "{cprofile}", "--log-level", "ERROR", "--json", "{json}"],
     "latency_moe_ep": ["latency", "--model", "{moe}", "--dtype", "float32", "--batch-sizes", "2",
                        "--tensor-parallel-size", "2", "--enable-expert-parallel", "--json", "{json}", *TINY_LATENCY],
     "throughput_dbo": ["throughput", "--model", "{llama}", "--dtype", "float32", "--num-requests", "6",
@@ -86,7 +86,7 @@ def _run(name: str, checkpoints: dict[str, str], tmp_path, capsys) -> tuple[list
     """Run one named invocation in this process; the JSON rows and the printed table."""
     out = tmp_path / f"{name}.json"
     fill = {"{json}": str(out), "{llama}": checkpoints["llama"], "{moe}": checkpoints["moe"], "{vlm}": checkpoints["vlm"],
-            "{profile}": str(tmp_path / "traces")}
+            "{profile}": str(tmp_path / "traces"), "{cprofile}": str(tmp_path / "traces" / "cprofile")}
     argv = [fill.get(a, a) for a in INVOCATIONS[name]]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
@@ -216,6 +216,11 @@ def test_startup_runs_cold_then_warm_in_processes_of_their_own(checkpoints, tmp_
         assert row["trace_s"] > 0  # mode=compile: Dynamo traced, inside the engine's first forward
         assert row["engine_s"] >= row["warmup_s"] + row["kv_allocate_s"] + row["capture_s"]
         assert row["graphs"] == 0 and row["cache_hits"] == 0  # CPU: no static graphs; eager backend: no cache
+    # --cprofile: each run's engine construction, as a pstats file and its costliest calls as text.
+    for run in ("cold", "warm"):
+        text = (tmp_path / "traces" / "cprofile" / f"{run}.txt").read_text()
+        assert "cumulative" in text and "from_loaded" in text
+        assert (tmp_path / "traces" / "cprofile" / f"{run}.prof").stat().st_size > 0
 
 
 def test_every_flag_is_exercised():
