@@ -102,7 +102,7 @@ class RowParallelLinear(nn.Linear):
         self.parallel = parallel or current_parallel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.parallel.is_parallel:
+        if not self.parallel.communicates:
             return super().forward(x)
         y = reduce_across(F.linear(x, self.weight), self.parallel)
         return y if self.bias is None else y + self.bias

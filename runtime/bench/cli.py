@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="schedule and launch each step while the previous one runs on the device "
                             "(default: the platform's: on for devices with streams, off on CPU)")
+        s.add_argument("--simulate-collective-us", type=float, default=0.0, metavar="US",
+                       help="one device: hold it US microseconds wherever a tensor-parallel all-reduce would run "
+                            "(graphmode::simulated_collective), so --dbo can show overlap without a second "
+                            "device; counts as communication for the DBO policy (default: 0, off)")
         s.add_argument("--compare-scheduling", action="store_true",
                        help="measure synchronous and async scheduling side by side on each engine")
         s.add_argument("--dbo", action="store_true",

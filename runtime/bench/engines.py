@@ -14,6 +14,7 @@ from compiler import CompilationConfig
 from models.default import default_model_path
 from models.loader import LoadedModel, load_model, resolve_dtype
 from models.testing import build_random_model, llama_1b_config, qwen3_0_6b_config, save_random_checkpoint
+from runtime.distributed.parallel_state import ParallelContext, use_parallel
 from runtime.engine.llm import LLM
 from runtime.platforms import current_platform
 
@@ -28,6 +29,13 @@ def load_model_for(args: argparse.Namespace, compilation: CompilationConfig | No
     """The model in this process; None under tensor parallelism (each rank's worker loads its shard)."""
     if args.tensor_parallel_size > 1:
         return None
+    if args.simulate_collective_us:  # layers read the parallel context as they are built
+        with use_parallel(ParallelContext(simulate_collective_us=args.simulate_collective_us)):
+            return _load(args, compilation)
+    return _load(args, compilation)
+
+
+def _load(args: argparse.Namespace, compilation: CompilationConfig | None) -> LoadedModel:
     if args.model in RANDOM_MODELS:
         config = RANDOM_MODELS[args.model]()
         dtype = resolve_dtype(args.dtype, config)
@@ -139,6 +147,7 @@ DEFAULT_MAX_BATCHED_TOKENS = 4096
 def make_engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: int,
             engine_args: dict[str, Any] | None = None, compilation: CompilationConfig | None = None) -> LLM:
     common = dict(max_num_seqs=max_num_seqs, max_model_len=max_len, async_scheduling=args.async_scheduling,
+                  simulate_collective_us=args.simulate_collective_us,
                   max_num_batched_tokens=max(args.max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS, max_len),
                   enable_prefix_caching=False, mm_encoder_attn_backend=args.mm_encoder_attn_backend,
                   **kv_args(args), **(engine_args or {}))

@@ -85,7 +85,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     compilation = CompilationConfig.from_json(spec["compilation_config"])
     start = time.perf_counter()
     loaded = load_model_for(argparse.Namespace(model=spec["model"], dtype=spec["dtype"], tensor_parallel_size=1,
-                                               mm_encoder_attn_backend=None), compilation)
+                                               mm_encoder_attn_backend=None, simulate_collective_us=0.0),
+                            compilation)
     load_s = time.perf_counter() - start
     engine_args = {k: spec[k] for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len")}
     if spec["kv_cache_memory_gb"]:

@@ -73,6 +73,9 @@ class EngineConfig:
     # puts whole MoE experts on each rank instead of slicing every expert.
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    # One device only: hold the device this many microseconds at every place a tensor-parallel all-reduce
+    # would run (graphmode::simulated_collective), so DBO's overlap can be measured on one device. 0: off.
+    simulate_collective_us: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.compilation_config, str):
@@ -111,6 +114,11 @@ class EngineConfig:
         self.parallel_config()  # validates tensor_parallel_size
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
             raise ValueError("enable_expert_parallel needs tensor_parallel_size >= 2")
+        if not isinstance(self.simulate_collective_us, (int, float)) or self.simulate_collective_us < 0:
+            raise ValueError(f"simulate_collective_us must be >= 0, got {self.simulate_collective_us!r}")
+        if self.simulate_collective_us and self.tensor_parallel_size > 1:
+            raise ValueError("simulate_collective_us stands in for collectives on one device; with "
+                             "tensor_parallel_size > 1 the real ones run")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -128,8 +136,8 @@ class EngineConfig:
 
     @property
     def communicates(self) -> bool:
-        """The forward runs collectives: the model is sharded over several ranks."""
-        return self.tensor_parallel_size > 1
+        """The forward runs collectives: the model is sharded over several ranks, or simulates them."""
+        return self.tensor_parallel_size > 1 or self.simulate_collective_us > 0
 
     def model_options(self) -> dict[str, Any]:
         """Constructor options of the model class (models/loader.py: build_model)."""

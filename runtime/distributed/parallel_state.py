@@ -39,10 +39,18 @@ class ParallelContext:
     world_size: int = 1
     group_name: str = ""
     expert_parallel: bool = False
+    # One rank only: hold the device this long where a tensor-parallel all-reduce would run
+    # (graphmode::simulated_collective), so DBO's overlap can be measured without a second device.
+    simulate_collective_us: float = 0.0
 
     @property
     def is_parallel(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def communicates(self) -> bool:
+        """Row-parallel layers end in a collective: a real one, or its simulation on one rank."""
+        return self.is_parallel or self.simulate_collective_us > 0
 
 
 _SINGLE = ParallelContext()

@@ -25,6 +25,7 @@ from runtime.contracts.request import Request, RequestStatus
 from runtime.contracts.runner_output import StepHandle
 from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams, sequence_seed
 from runtime.contracts.scheduler_output import SchedulerOutput
+from runtime.distributed.parallel_state import ParallelContext
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.executor import Executor, InProcessExecutor
 from runtime.engine.kv_cache import KVCacheManager
@@ -101,6 +102,7 @@ class EngineCore:
                 if config.tensor_parallel_size > 1:
                     raise ValueError("tensor_parallel_size > 1 loads the model in its worker processes: pass a "
                                      "checkpoint path, not a model already in memory")
+                _check_simulated_collectives(config, loaded.model)
                 if loaded.compilation_config is not None:
                     _check_enforce_eager(config, loaded.compilation_config)
                     config.compilation_config = loaded.compilation_config  # graphs must match how it was compiled
@@ -397,6 +399,17 @@ def _input_processor(model_class: type, model_config: Any, checkpoint: Checkpoin
     if not getattr(model_class, "supports_images", False):
         return None
     return Qwen2VLInputProcessor(model_config, checkpoint.directory if checkpoint else None, config.max_image_patches)
+
+
+def _check_simulated_collectives(config: EngineConfig, model: Any) -> None:
+    """Layers read the parallel context when they are built: a model already in memory simulates the
+    collectives it was built to simulate, whatever the engine config says."""
+    built = {m.parallel.simulate_collective_us for m in model.modules()
+             if isinstance(getattr(m, "parallel", None), ParallelContext)}
+    if built and built != {float(config.simulate_collective_us)}:
+        raise ValueError(f"simulate_collective_us={config.simulate_collective_us}, but this model was built with "
+                         f"{sorted(built)}: build it inside use_parallel(ParallelContext(simulate_collective_us=...)) "
+                         "or pass a checkpoint path")
 
 
 def _check_enforce_eager(config: EngineConfig, built_with: CompilationConfig) -> None:

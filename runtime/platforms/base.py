@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 import torch
@@ -128,6 +129,13 @@ class Platform:
         worth it where launches are asynchronous (a device with streams); on a CPU the forward runs on
         the launching thread, so there is nothing to overlap."""
         return False
+
+    def simulated_collective(self, microseconds: float) -> Any:
+        """Stand-in for a collective that takes ``microseconds``: a handle whose ``wait()`` makes the caller's
+        stream wait for it, or None once done. Here (one implicit stream) the host sleeps; a device with
+        streams holds its communication stream instead (CUDA: calibrated ``torch.cuda._sleep``)."""
+        time.sleep(microseconds / 1e6)
+        return None
 
     def forbid_host_syncs(self) -> ContextManager[Any]:
         """Inside the block, an operation that makes the host wait for the device (``.item()``, ``.tolist()``,

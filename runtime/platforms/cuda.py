@@ -96,6 +96,22 @@ class CudaPlatform(Platform):
     def async_scheduling_default(self) -> bool:
         return True
 
+    def simulated_collective(self, microseconds: float) -> "_StreamWait":
+        # One communication stream per process, as NCCL runs a communicator's collectives on one stream:
+        # the two DBO micro-batches' collectives queue on it as real ones would.
+        if self._comm_stream is None:
+            self._comm_stream, self._sleep_cycles_per_us = torch.cuda.Stream(), _sleep_cycles_per_us()
+        caller = torch.cuda.current_stream()
+        self._comm_stream.wait_stream(caller)
+        with torch.cuda.stream(self._comm_stream):
+            torch.cuda._sleep(max(1, int(microseconds * self._sleep_cycles_per_us)))
+        done = torch.cuda.Event()
+        done.record(self._comm_stream)
+        return _StreamWait(done)
+
+    _comm_stream: torch.cuda.Stream | None = None
+    _sleep_cycles_per_us: float = 0.0
+
     @contextlib.contextmanager
     def forbid_host_syncs(self) -> Iterator[None]:
         previous = torch.cuda.get_sync_debug_mode()
@@ -147,3 +163,27 @@ def _recover_from_failed_capture(caller_stream: torch.cuda.Stream, pool: Any) ->
     with torch.cuda.graph(graph):
         torch.zeros(1, device=caller_stream.device).add_(1)
     del graph
+
+
+class _StreamWait:
+    """A simulated collective's handle: ``wait()`` makes the current stream wait for it, as a NCCL work
+    handle does (the host does not block)."""
+
+    def __init__(self, done: torch.cuda.Event) -> None:
+        self.done = done
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.done)
+
+
+def _sleep_cycles_per_us() -> float:
+    """``torch.cuda._sleep`` spins for a number of clock cycles: how many make a microsecond on this device,
+    measured once (outside any capture: the first simulated collective runs in an eager warm-up)."""
+    cycles = 20_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles // 10)  # the clock ramps up first
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) * 1000.0)

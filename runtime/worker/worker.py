@@ -25,7 +25,7 @@ from models.loader import LoadedModel, load_model
 from runtime.contracts.config import EngineConfig
 from runtime.contracts.runner_output import StepResult
 from runtime.contracts.scheduler_output import SchedulerOutput
-from runtime.distributed.parallel_state import init_distributed
+from runtime.distributed.parallel_state import ParallelContext, init_distributed
 from runtime.platforms import current_platform
 from runtime.profiling import KernelProfiler, StepProfile
 from runtime.tracing import TraceProfiler
@@ -58,6 +58,8 @@ class Worker:
         parallel = None
         if spec.world_size > 1:
             parallel = init_distributed(spec.rank, spec.world_size, spec.init_method, config.enable_expert_parallel)
+        elif config.simulate_collective_us:
+            parallel = ParallelContext(simulate_collective_us=config.simulate_collective_us)
         current_platform.manual_seed(config.seed)
         self.startup_s: dict[str, float] = {}  # seconds per start-up phase (startup_report)
         if loaded is None:

@@ -40,6 +40,9 @@ INVOCATIONS = {
     "latency_dbo_one_device": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo",
                                "--dbo-decode-token-threshold", "2", "--batch-sizes", "4", "--json", "{json}",
                                *TINY_LATENCY],
+    "latency_simulated_collective": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo",
+                                     "--dbo-decode-token-threshold", "2", "--batch-sizes", "4",
+                                     "--simulate-collective-us", "20", "--json", "{json}", *TINY_LATENCY],
     "startup": ["startup", "--model", "{llama}", "--dtype", "float32", "--compilation-config",
                 '{"mode": "compile", "backend": "eager"}', "--max-num-seqs", "4", "--max-num-batched-tokens", "64",
                 "--max-model-len", "64", "--kv-cache-memory-gb", "0.05", "--cache-root", "{profile}",
@@ -48,7 +51,7 @@ INVOCATIONS = {
                        "--tensor-parallel-size", "2", "--enable-expert-parallel", "--json", "{json}", *TINY_LATENCY],
     "throughput_dbo": ["throughput", "--model", "{llama}", "--dtype", "float32", "--num-requests", "6",
                        "--input-len", "8", "--output-len", "4", "--max-num-seqs", "4", "--max-num-batched-tokens",
-                       "64", "--kv-cache-memory-gb", "0.05", "--dbo", "--force-dbo",
+                       "64", "--kv-cache-memory-gb", "0.05", "--dbo", "--force-dbo", "--simulate-collective-us", "5",
                        "--dbo-decode-token-threshold", "2",
                        "--dbo-prefill-token-threshold", "8", "--config", f"compiled={COMPILED}", "--backend",
                        "eager", "--graph-mode", "piecewise", "--capture-sizes", "1", "2", "4", "--json", "{json}"],
@@ -147,6 +150,13 @@ def test_dbo_on_one_device_stays_off_by_policy_and_both_rows_run_unsplit(checkpo
     assert [r["config"] for r in rows] == ["default,dbo=off", "default,dbo=on"]
     assert [r["dbo_steps"] for r in rows] == [0, 0]
     assert any("DBO off on one device" in r.getMessage() for r in caplog.records)
+
+
+def test_simulated_collectives_make_dbo_split_on_one_device(checkpoints, tmp_path, capsys):
+    """--simulate-collective-us: the all-reduces of TP, simulated on one device; DBO's policy splits then."""
+    rows, _ = _run("latency_simulated_collective", checkpoints, tmp_path, capsys)
+    assert [r["config"] for r in rows] == ["default,dbo=off", "default,dbo=on"]
+    assert rows[0]["dbo_steps"] == 0 < rows[1]["dbo_steps"]
 
 
 def test_throughput_with_dbo_and_a_graph_mode(checkpoints, tmp_path, capsys):

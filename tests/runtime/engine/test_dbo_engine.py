@@ -131,3 +131,32 @@ def _alternation(labels):
             if nxt is not None:
                 order.append((ub, "launch", nxt))
     return order
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_simulated_collectives_make_dbo_overlap_on_one_device(tmp_path, compiled):
+    """simulate_collective_us puts graphmode::simulated_collective where a TP all-reduce would be: DBO's policy
+    then splits on one device, the micro-batches alternate at every simulated all-reduce as under TP=2, and the
+    tokens are those of the plain model (the op passes its input through)."""
+    path = write_tiny_checkpoint("LlamaForCausalLM", str(tmp_path / "ckpt"))
+    cfg = dict(mode="compile", backend="eager", graph_mode="piecewise", capture_sizes=[1, 2, 4, 8, 16, 32]) \
+        if compiled else None
+    reference = _generate(load_model(path, dtype="float32", device="cpu"), dbo=False)
+    llm = LLM(path, dtype="float32", max_num_seqs=32, max_model_len=128, num_kv_blocks=256, max_num_batched_tokens=64,
+              enable_dbo=True, dbo_decode_token_threshold=8, dbo_prefill_token_threshold=16,
+              simulate_collective_us=20, compilation_config=cfg)
+    assert llm.engine.config.dbo_active
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == reference
+    steps, trace = llm.engine.executor.worker.dbo_stats()
+    labels = [p.label for p in trace if p.ubatch == 0 and p.action == "launch"]
+    assert steps > 0 and len(labels) == 4 and set(labels) == {"tp_all_reduce"}  # 2 layers x (o_proj, down_proj)
+    assert [(p.ubatch, p.action, p.label) for p in trace] == _alternation(labels)
+
+
+def test_simulated_collectives_need_one_device_and_a_model_built_for_them(tmp_path):
+    path = write_tiny_checkpoint("LlamaForCausalLM", str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="simulate_collective_us stands in for collectives on one device"):
+        LLM(path, tensor_parallel_size=2, simulate_collective_us=10)
+    loaded = load_model(path, dtype="float32", device="cpu")  # built without simulated collectives
+    with pytest.raises(ValueError, match=r"simulate_collective_us=10, but this model was built with \[0\.0\]"):
+        LLM.from_loaded(loaded, max_num_seqs=4, max_model_len=32, num_kv_blocks=16, simulate_collective_us=10)
