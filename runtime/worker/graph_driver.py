@@ -65,17 +65,19 @@ class GraphDriver:
 
     def run(self, dispatch: Dispatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The forward for this step (or micro-batch); call inside ``forward_context(..., dispatch)``."""
-        if dispatch.mode == "full" and self.full is not None:  # None: disabled since this step was planned
-            hidden = self.full(self._runtime(dispatch.ubatch), dispatch.padded_tokens, (input_ids, positions))
-            if self.full.failed:
-                self.dispatcher.disable_full("capture failed")
-                self.full = None
-            return hidden
-        hidden = self.model(input_ids, positions)
-        if dispatch.mode == "piecewise" and "piecewise" in self._runtime(dispatch.ubatch).failed_kinds \
-                and self.dispatcher.piecewise:
+        if dispatch.mode == "full" and self.full is not None:  # None: its capture failed
+            return self.full(self._runtime(dispatch.ubatch), dispatch.padded_tokens, (input_ids, positions))
+        return self.model(input_ids, positions)
+
+    def drop_failed_kinds(self) -> None:
+        """After a capture: a graph kind whose capture failed anywhere is turned off (captures happen only at
+        start-up, so the per-step path never checks)."""
+        failed = set().union(*(r.failed_kinds for r in [self.runtime, *self.ubatch_runtimes] if r is not None))
+        if "full" in failed and self.full is not None:
+            self.dispatcher.disable_full("capture failed")
+            self.full = None
+        if "piecewise" in failed and self.dispatcher.piecewise:
             self.dispatcher.disable_piecewise("a piece's capture failed")
-        return hidden
 
     def capture_sizes(self) -> list[tuple[str, int, int | None]]:
         """(mode, size, micro-batch slot) to capture at start-up, largest first (later sizes reuse its

@@ -30,15 +30,15 @@ def plan_kv_blocks(cfg: EngineConfig, runner: ModelRunner) -> int:
         peak = profile_peak_bytes(runner)
         # Full graphs are captured after the KV cache is allocated (they bake in its addresses), so what
         # they add to the graph pool (captured piecewise graphs are in use already) is estimated and kept free.
-        graphs = estimate_full_graph_bytes(runner)
-        runner.graphs.estimated_pool_bytes = runner.graphs.pool_bytes() + graphs
+        graphs, captured = estimate_full_graph_bytes(runner), runner.graphs.pool_bytes()
+        runner.graphs.estimated_pool_bytes = captured + graphs
         info = current_platform.memory_info()
         # Memory in use counts every process on the device, as vLLM's gpu_memory_utilization does; the
         # split says whose it is (a second engine in one process, another process, or the driver's context).
         in_use = info.total_bytes - info.free_bytes
         ours = current_platform.memory_reserved()
         blocks = int(info.total_bytes * cfg.gpu_memory_utilization - in_use - peak - graphs) // per_block
-        how = (f"profiled: activation peak {peak / GiB:.2f} GiB, piecewise graphs {runner.graphs.pool_bytes() / GiB:.2f} "
+        how = (f"profiled: activation peak {peak / GiB:.2f} GiB, piecewise graphs {captured / GiB:.2f} "
                f"GiB, full graphs (estimated) {graphs / GiB:.2f} GiB, "
                f"{cfg.gpu_memory_utilization:.0%} of "
                f"{info.total_bytes / GiB:.1f} GiB, {in_use / GiB:.1f} GiB already in use on the device "

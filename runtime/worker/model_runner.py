@@ -162,6 +162,7 @@ class ModelRunner:
                 continue  # a capture of this mode failed: its graphs are off (and their plan with them)
             for _ in range(2):  # the first call at a size warms up, the second captures
                 self._dummy_step(mode, size, ubatch, kv_caches)
+            self.graphs.drop_failed_kinds()
         current_platform.synchronize()
 
     @torch.inference_mode()
