@@ -8,6 +8,7 @@ splitting ops (attention) between them.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from typing import Any, Callable
@@ -35,19 +36,23 @@ class GraphModeBackend:
         self.pass_manager = pass_manager
         pass_uuid = pass_manager.uuid() if pass_manager is not None else "no-passes"
         self.cache = None
-        if config.cache_dir and not compiler.supports_cache:
-            logger.warning("%s: cache_dir is ignored: the %s backend's compiled pieces cannot be cached", tag,
-                           compiler.name)
+        self.cache_directory = None  # this config's entries under the cache root: compiled pieces, traces
         if config.compile_sizes and not compiler.compiles_per_size:
             logger.warning("%s: compile_sizes are ignored: the %s backend compiles one graph for every size", tag,
                            compiler.name)
         cache_root = resolve_cache_dir(config.cache_dir)
-        if cache_root and compiler.supports_cache:
+        if cache_root:
             key = CompileCache.make_global_key(config.code_hash(), pass_uuid, model_source_hash, platform_name)
-            try:
-                self.cache = CompileCache(cache_root, key)
-            except OSError as e:  # a root that cannot be written (read-only home) only costs the warm start
-                logger.warning("%s: compile cache at %s is unusable (%s); compiling without it", tag, cache_root, e)
+            self.cache_directory = os.path.join(cache_root, key)
+            if config.cache_dir and not compiler.supports_cache:
+                logger.info("%s: cache_dir keeps only the traced graph: the %s backend's pieces are not compiled",
+                            tag, compiler.name)
+            elif compiler.supports_cache:
+                try:
+                    self.cache = CompileCache(cache_root, key)
+                except OSError as e:  # a root that cannot be written (read-only home) only costs the warm start
+                    logger.warning("%s: compile cache at %s is unusable (%s); compiling without it", tag,
+                                   cache_root, e)
         self.dump = GraphDump(config.dump_dir, tag) if config.dump_dir else None
         self.pieces: list[Piece] = []
         self.timings: dict[str, float] = {}
@@ -59,9 +64,14 @@ class GraphModeBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         counters.dynamo_traces += 1
         counters.traces_by_tag[self.tag] += 1
+        return self.build(gm, example_inputs)
+
+    def build(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        """What runs ``gm`` from now on; ``gm`` comes from Dynamo (``__call__``) or a saved trace."""
         start = time.perf_counter()
         if self.trace_started is not None:
-            self.timings["trace_s"] = start - self.trace_started  # Dynamo's trace, up to handing us the graph
+            # Dynamo's trace up to handing us the graph, or loading the saved one (compiler/trace_cache.py)
+            self.timings["trace_s"] = start - self.trace_started
         if self.dump:
             self.dump.write_graph("dynamo", gm, f"{self.tag}: graph traced by Dynamo")
         split_gm, self.pieces = split_graph(gm, self.config.splitting_ops)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 @dataclass
 class CompilerCounters:
     dynamo_traces: int = 0
+    traces_loaded: int = 0  # forwards that ran from a saved trace instead of Dynamo (compiler/trace_cache.py)
     backend_compilations: int = 0  # pieces (or whole graphs) handed to a compile backend
     piecewise_graphs: int = 0  # compiled pieces produced by splitting
     graphs_captured: int = 0  # static device graphs captured

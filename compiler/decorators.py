@@ -23,7 +23,9 @@ import torch.fx.experimental._config as fx_config
 from compiler.backend import GraphModeBackend
 from compiler.compiler_interface import CompilerInterface, make_compiler
 from compiler.config import CompilationConfig, current_config
-from compiler.direct_call import DirectCall, RecordingBackend, WeakBackend, plan_direct_call
+from compiler.counters import counters
+from compiler.direct_call import DirectCall, RecordingBackend, WeakBackend, bound_arguments, plan_direct_call
+from compiler.trace_cache import InputSpec, TraceCache, TracedGraph, fake_inputs, load_graph
 from runtime.platforms import current_platform
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,14 @@ class CompiledForward:
         compiler = make_compiler(config.resolved_backend(current_platform.default_compile_backend))
         self.backend = GraphModeBackend(config, tag, compiler, _source_hash(type(module)), current_platform.name,
                                         _pass_manager(config, compiler))
-        self.recorder = RecordingBackend(self.backend)
+        # A warm start skips Dynamo where the compile cache is on (not in debug: guards must be checked).
+        self.traces = None
+        if self.backend.cache_directory is not None and not config.debug:
+            try:
+                self.traces = TraceCache(self.backend.cache_directory)
+            except OSError as e:
+                logger.warning("%s: traced graphs cannot be cached (%s)", tag, e)
+        self.recorder = RecordingBackend(self.backend, record_trace=self.traces is not None)
         # Without debug every guard goes: one trace serves every token count. With debug the shape
         # guards still go (they would pin 0/1 sizes), the rest stay so a real change is caught.
         keep = (lambda guards: [g.guard_type != "SHAPE_ENV" for g in guards]) if config.debug else \
@@ -90,18 +99,7 @@ class CompiledForward:
 
     def __call__(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not self.traced:
-            bound = self.signature.bind(module, *args, **kwargs)
-            self._mark_dynamic(bound)
-            # Size-oblivious reasoning keeps a first call with 1 token from specialising the graph to 1.
-            self.backend.trace_started = time.perf_counter()
-            with fx_config.patch(backed_size_oblivious=True):
-                out = self.compiled(module, *args, **kwargs)
-            self.traced = True
-            if not self.config.debug:
-                self.direct = plan_direct_call(self.signature, self.recorder.first, module, args, kwargs, out, self.tag)
-            # Dynamo's code cache outlives the model and reaches the recorder: keep no tensors there.
-            self.recorder.first.args = self.recorder.first.output = None
-            return out
+            return self._first_call(module, args, kwargs)
         if self.direct is not None:
             return self.direct(module, *args, **kwargs)
         if self.config.debug:
@@ -113,6 +111,66 @@ class CompiledForward:
                     f"{self.tag}: these inputs need a new trace (the compiled graph assumes the first call's "
                     f"argument structure and dtypes): {str(e).splitlines()[0]}") from None
         return self.compiled(module, *args, **kwargs)
+
+
+    def _first_call(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        bound = bound_arguments(self.signature, module, args, kwargs)
+        key = TraceCache.key(module, bound, self.tag) if self.traces is not None else None
+        entry = self.traces.load(key) if key is not None else None
+        if entry is not None and self._plan_from_saved_trace(entry, module, bound):
+            self.traced = True
+            return self.direct(module, *args, **kwargs)
+        self._mark_dynamic(self.signature.bind(module, *args, **kwargs))
+        # Size-oblivious reasoning keeps a first call with 1 token from specialising the graph to 1.
+        self.backend.trace_started = time.perf_counter()
+        with fx_config.patch(backed_size_oblivious=True):
+            out = self.compiled(module, *args, **kwargs)
+        self.traced = True
+        if not self.config.debug:
+            self.direct = plan_direct_call(self.signature, self.recorder.first, module, args, kwargs, out, self.tag)
+        trace = self.recorder.first.trace
+        if key is not None and self.direct is not None and trace is not None:
+            trace.single_output, trace.none_args = self.direct.single_output, self.direct.none_args
+            self.traces.save(key, trace)
+        # Dynamo's code cache outlives the model and reaches the recorder: keep no tensors there.
+        self.recorder.first.args = self.recorder.first.output = self.recorder.first.trace = None
+        return out
+
+    def _plan_from_saved_trace(self, entry: TracedGraph, module: torch.nn.Module, bound: dict[str, Any]) -> bool:
+        """Build the forward from a saved trace (no Dynamo); False (logged) if it does not fit this call."""
+        self.backend.trace_started = time.perf_counter()
+        try:
+            inputs, mode = fake_inputs(entry)
+            gm = load_graph(entry, inputs, mode)
+            with fx_config.patch(backed_size_oblivious=True), torch._guards.tracing(torch._guards.TracingContext(mode)):
+                compiled = self.backend.build(gm, inputs)
+            direct = DirectCall(self.signature, compiled, [s.source for s in entry.inputs], module,
+                                entry.single_output, entry.none_args)
+            _check_inputs(direct.graph_inputs(module, bound), entry.inputs)
+        except Exception as e:  # noqa: BLE001 - a saved trace that does not fit costs one Dynamo trace
+            logger.warning("%s: the saved trace does not fit this model (%s: %s); tracing with Dynamo", self.tag,
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return False
+        self.direct = direct
+        counters.traces_loaded += 1
+        logger.info("%s: loaded the traced graph (no Dynamo trace) in %.2f s", self.tag,
+                    self.backend.timings.get("trace_s", 0.0))
+        return True
+
+
+def _check_inputs(values: tuple, specs: list[InputSpec]) -> None:
+    """The call's graph inputs are what the saved trace was made for: kinds, dtypes, ranks, static sizes."""
+    if len(values) != len(specs):
+        raise ValueError(f"{len(values)} graph inputs where the trace had {len(specs)}")
+    for value, spec in zip(values, specs):
+        if spec.kind == "symint":
+            ok = isinstance(value, int)
+        else:
+            ok = isinstance(value, torch.Tensor) and str(value.dtype) == f"torch.{spec.dtype}" and \
+                value.dim() == len(spec.shape) and value.device.type == torch.device(spec.device).type and \
+                all(not d.isdigit() or int(d) == n for d, n in zip(spec.shape, value.shape))
+        if not ok:
+            raise ValueError(f"graph input {spec.source} does not match the saved trace")
 
 
 def compile_timings(root: torch.nn.Module) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 Each run is a process of its own, as a user's would be: a warm start is a second process finding what the
 first left in the caches. A run loads the model (`load_s`), then builds the engine (`engine_s`), whose phases
-are the warm-up (the model's first forward: Dynamo's trace, the passes and the compile happen inside it),
+are the warm-up (the model's first forward: Dynamo's trace, or loading the trace a cold start saved, the
+passes and the compile happen inside it),
 the graph capture (piecewise graphs before the KV cache is sized, full graphs after), the memory profile and
 the KV cache allocation. The cold run starts from an empty cache root of its own (`--cache-root`, default a new
 temporary directory: our compile cache and Inductor's); the warm run reuses it.
@@ -23,7 +24,7 @@ from typing import Any
 
 STARTUP_COLUMNS = ("config", "run", "load_s", "engine_s", "trace_s", "passes_s", "compile_s", "memory_profile_s",
                    "warmup_s", "kv_allocate_s", "capture_s", "graphs", "graph_pool_mib", "graph_pool_estimate_mib",
-                   "cache_hits", "cache_misses")
+                   "cache_hits", "cache_misses", "dynamo_traces", "traces_loaded")
 _RESULT = "STARTUP-RESULT "
 
 
@@ -76,7 +77,7 @@ def _run_child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """One start-up in this process: load, then build the engine; the engine's own report of its phases."""
-    from compiler import CompilationConfig
+    from compiler import CompilationConfig, counters
     from runtime import LLM
     from runtime.bench.engines import load_model_for
     from runtime.platforms import current_platform
@@ -100,7 +101,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         _write_profile(profiler, spec["cprofile"])
     report = llm.engine.startup_report()
     report.pop("load_s", None)  # the worker's own load: none here, the model came loaded
-    return {"load_s": load_s, "engine_s": engine_s, **report}
+    # A warm start loads the traced graph instead of running Dynamo (compiler/trace_cache.py).
+    return {"load_s": load_s, "engine_s": engine_s, **report, "dynamo_traces": counters.dynamo_traces,
+            "traces_loaded": counters.traces_loaded}
 
 
 def _write_profile(profiler: cProfile.Profile, path: str) -> None:

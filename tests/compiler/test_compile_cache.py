@@ -29,6 +29,7 @@ tokens, _ = driver.generate_greedy([[3, 14, 15, 92, 65], [35, 89]], max_new_toke
 backend = loaded.model.model._compiled_forward.backend
 print("RESULT " + json.dumps({"compile_s": backend.timings["compile_s"], "hits": counters.cache_hits,
                               "misses": counters.cache_misses, "tokens": tokens,
+                              "traces": counters.dynamo_traces, "traces_loaded": counters.traces_loaded,
                               "cache_dir": backend.cache.directory}))
 """
 
@@ -51,6 +52,8 @@ def test_warm_start_is_a_cache_hit_and_faster(tmp_path):
     assert cold["misses"] == 3 and cold["hits"] == 0, cold  # 2 layers -> 3 compiled pieces
     assert warm["hits"] == 3 and warm["misses"] == 0, (warm, warm_log[-2000:])
     assert "cache hit" in warm_log
+    # The warm process ran no Dynamo trace: the saved graph gave the same pieces (every one a hit).
+    assert (cold["traces"], cold["traces_loaded"]) == (1, 0) and (warm["traces"], warm["traces_loaded"]) == (0, 1)
     assert warm["tokens"] == cold["tokens"]
     assert cold["compile_s"] >= 5 * warm["compile_s"], (cold["compile_s"], warm["compile_s"])
 

@@ -223,9 +223,11 @@ def test_startup_runs_cold_then_warm_in_processes_of_their_own(checkpoints, tmp_
     assert [r["run"] for r in rows] == ["cold", "warm"]
     for row in rows:
         assert row["load_s"] > 0 and row["engine_s"] > 0
-        assert row["trace_s"] > 0  # mode=compile: Dynamo traced, inside the engine's first forward
+        assert row["trace_s"] > 0  # mode=compile: traced (or the trace loaded) inside the engine's first forward
         assert row["engine_s"] >= row["warmup_s"] + row["kv_allocate_s"] + row["capture_s"]
         assert row["graphs"] == 0 and row["cache_hits"] == 0  # CPU: no static graphs; eager backend: no cache
+    # The cold run traced with Dynamo and saved the trace; the warm one loaded it.
+    assert [(r["dynamo_traces"], r["traces_loaded"]) for r in rows] == [(1, 0), (0, 1)]
     # --cprofile: each run's engine construction, as a pstats file and its costliest calls as text.
     for run in ("cold", "warm"):
         text = (tmp_path / "traces" / "cprofile" / f"{run}.txt").read_text()
