@@ -16,6 +16,7 @@ entry whose traced files changed since, or that does not load, is traced again w
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import logging
 import os
@@ -23,11 +24,10 @@ import pickle
 from typing import Any
 
 import torch
-from torch.fx._graph_pickler import GraphPickler, Options
 
 logger = logging.getLogger(__name__)
 
-_PLAIN = (bool, int, float, str, type(None))
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, enum.Enum)
 _FORMAT = 1  # bump when the entry's layout changes
 
 
@@ -85,7 +85,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     for name, sub in module.named_modules():
         parts.append(f"{name}:{type(sub).__module__}.{type(sub).__qualname__}")
         for attr, value in sorted(vars(sub).items()):
-            if attr.startswith("_") and attr not in ("_compiled_forward",):
+            if attr.startswith("_"):  # nn.Module's own state: parameters, buffers and submodules are above
                 continue
             if isinstance(value, _PLAIN) or (isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value)):
                 parts.append(f"{name}.{attr}={value!r}")
@@ -135,6 +135,8 @@ def _hints(value: torch.SymInt) -> dict[str, int]:
 def pickle_graph(gm: torch.fx.GraphModule) -> bytes:
     """The graph alone: a fresh module around it (Dynamo's carries unpicklable state) and no node
     metadata (fake values are rebuilt from the specs; stack traces are not needed to run it)."""
+    from torch.fx._graph_pickler import GraphPickler, Options  # imports Inductor: only when a trace is saved
+
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     bare = torch.fx.GraphModule({}, graph)
@@ -174,6 +176,8 @@ def load_graph(entry: TracedGraph, inputs: list[Any], mode: Any) -> torch.fx.Gra
     """The saved graph with Dynamo's ``example_value`` on every node again, computed on ``inputs``: the
     split reads them (a piece that uses a symbolic size gets the size symbol as an input), and without
     them the pieces, and their cache keys, would differ from a cold start's."""
+    from torch.fx._graph_pickler import GraphPickler
+
     gm = GraphPickler.loads(entry.graph, mode)
 
     class _Record(torch.fx.Interpreter):
