@@ -25,7 +25,7 @@ from compiler.compiler_interface import CompilerInterface, make_compiler
 from compiler.config import CompilationConfig, current_config
 from compiler.counters import counters
 from compiler.direct_call import DirectCall, RecordingBackend, WeakBackend, bound_arguments, plan_direct_call
-from compiler.trace_cache import InputSpec, TraceCache, TracedGraph, fake_inputs, load_graph
+from compiler.trace_cache import InputSpec, TraceCache, TracedGraph, load_graph
 from runtime.platforms import current_platform
 
 logger = logging.getLogger(__name__)
@@ -140,8 +140,7 @@ class CompiledForward:
         """Build the forward from a saved trace (no Dynamo); False (logged) if it does not fit this call."""
         self.backend.trace_started = time.perf_counter()
         try:
-            inputs, mode = fake_inputs(entry)
-            gm = load_graph(entry, inputs, mode)
+            gm, inputs, mode = load_graph(entry)
             with fx_config.patch(backed_size_oblivious=True), torch._guards.tracing(torch._guards.TracingContext(mode)):
                 compiled = self.backend.build(gm, inputs)
             direct = DirectCall(self.signature, compiled, [s.source for s in entry.inputs], module,
@@ -162,7 +161,8 @@ def _check_inputs(values: tuple, specs: list[InputSpec]) -> None:
     """The call's graph inputs are what the saved trace was made for: kinds, dtypes, ranks, static sizes."""
     if len(values) != len(specs):
         raise ValueError(f"{len(values)} graph inputs where the trace had {len(specs)}")
-    for value, spec in zip(values, specs):
+    for value, input_spec in zip(values, specs):
+        spec = input_spec.value
         if spec.kind == "symint":
             ok = isinstance(value, int)
         else:
@@ -170,7 +170,7 @@ def _check_inputs(values: tuple, specs: list[InputSpec]) -> None:
                 value.dim() == len(spec.shape) and value.device.type == torch.device(spec.device).type and \
                 all(not d.isdigit() or int(d) == n for d, n in zip(spec.shape, value.shape))
         if not ok:
-            raise ValueError(f"graph input {spec.source} does not match the saved trace")
+            raise ValueError(f"graph input {input_spec.source} does not match the saved trace")
 
 
 def compile_timings(root: torch.nn.Module) -> dict[str, float]:

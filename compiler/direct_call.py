@@ -71,13 +71,13 @@ class RecordingBackend:
 
 def _record_trace(gm: torch.fx.GraphModule, sources: list[str | None]) -> Any:
     """What a warm start needs of this trace (before the backend rewrites the graph), or None."""
-    from compiler.trace_cache import TracedGraph, describe_inputs, pickle_graph, traced_files
+    from compiler.trace_cache import TracedGraph, describe_graph, pickle_graph, traced_files
 
     try:
         if any(s is None for s in sources):
             raise ValueError("a graph input has no source")
-        specs, hints = describe_inputs(gm, sources)
-        return TracedGraph(pickle_graph(gm), specs, single_output=False, none_args=[], symbol_hints=hints,
+        inputs, values, hints = describe_graph(gm, sources)
+        return TracedGraph(pickle_graph(gm), inputs, values, single_output=False, none_args=[], symbol_hints=hints,
                            files=traced_files())
     except Exception as e:  # noqa: BLE001 - not saving the trace only costs the next start its trace
         logger.info("the traced graph cannot be saved for a warm start (%s: %s)", type(e).__name__, e)

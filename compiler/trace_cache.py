@@ -28,26 +28,36 @@ import torch
 logger = logging.getLogger(__name__)
 
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, enum.Enum)
-_FORMAT = 1  # bump when the entry's layout changes
+_FORMAT = 2  # bump when the entry's layout changes
+
+
+@dataclasses.dataclass
+class ValueSpec:
+    """A fake value as text: a tensor's shape, stride, storage offset (ints or expressions of the shape
+    symbols), dtype and device; a SymInt's expression; a sequence of values; or a constant."""
+    kind: str  # "tensor", "symint", "seq", "const"
+    shape: list[str] = dataclasses.field(default_factory=list)
+    stride: list[str] = dataclasses.field(default_factory=list)
+    offset: str = "0"  # a view into a persistent buffer has a symbolic one
+    dtype: str = ""
+    device: str = ""
+    expr: str = ""
+    items: list["ValueSpec | None"] = dataclasses.field(default_factory=list)
+    const: Any = None
 
 
 @dataclasses.dataclass
 class InputSpec:
     """One graph input: where it comes from, and what Dynamo saw there."""
     source: str
-    kind: str  # "tensor" or "symint"
-    shape: list[str] = dataclasses.field(default_factory=list)  # ints or sympy expressions of the symbols
-    stride: list[str] = dataclasses.field(default_factory=list)
-    offset: str = "0"  # storage offset (a view into a persistent buffer has a symbolic one)
-    dtype: str = ""
-    device: str = ""
-    expr: str = ""  # symint: its expression
+    value: ValueSpec
 
 
 @dataclasses.dataclass
 class TracedGraph:
     graph: bytes  # GraphPickler's bytes of the metadata-free graph module
     inputs: list[InputSpec]
+    values: list[ValueSpec | None]  # every node's example value, in graph order (what the split reads)
     single_output: bool  # the forward returns the graph's only output (else the tuple)
     none_args: list[str]  # arguments that were None when traced
     symbol_hints: dict[str, int]  # each shape symbol's value on the traced call
@@ -105,25 +115,36 @@ def argument_layout(bound: dict[str, Any]) -> str:
     return ";".join(parts)
 
 
-def describe_inputs(gm: torch.fx.GraphModule, sources: list[str]) -> tuple[list[InputSpec], dict[str, int]]:
-    """Each placeholder's spec, from Dynamo's example values; and the hint of every shape symbol."""
-    specs, hints = [], {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, source in zip(placeholders, sources):
-        value = node.meta.get("example_value")
-        if isinstance(value, torch.SymInt):
-            specs.append(InputSpec(source, "symint", expr=str(value.node.expr)))
-            hints.update(_hints(value))
-        elif isinstance(value, torch.Tensor):
-            specs.append(InputSpec(source, "tensor", [str(d) for d in value.shape], [str(s) for s in value.stride()],
-                                   str(value.storage_offset()), str(value.dtype).removeprefix("torch."),
-                                   str(value.device)))
-            for d in (*value.shape, *value.stride(), value.storage_offset()):
-                if isinstance(d, torch.SymInt):
-                    hints.update(_hints(d))
-        else:
+def value_spec(value: Any, hints: dict[str, int]) -> ValueSpec | None:
+    """``value`` as a ``ValueSpec`` (None for what a split never reads); the hints of its symbols go to ``hints``."""
+    if isinstance(value, torch.SymInt):
+        hints.update(_hints(value))
+        return ValueSpec("symint", expr=str(value.node.expr))
+    if isinstance(value, torch.Tensor):
+        for d in (*value.shape, *value.stride(), value.storage_offset()):
+            if isinstance(d, torch.SymInt):
+                hints.update(_hints(d))
+        return ValueSpec("tensor", [str(d) for d in value.shape], [str(s) for s in value.stride()],
+                         str(value.storage_offset()), str(value.dtype).removeprefix("torch."), str(value.device))
+    if isinstance(value, (tuple, list)):
+        return ValueSpec("seq", items=[value_spec(v, hints) for v in value])
+    if isinstance(value, (bool, int, float, type(None))):
+        return ValueSpec("const", const=value)
+    return None
+
+
+def describe_graph(gm: torch.fx.GraphModule, sources: list[str]) -> tuple[list[InputSpec], list[ValueSpec | None],
+                                                                          dict[str, int]]:
+    """Each placeholder's source and spec, every node's spec, and the hint of every shape symbol."""
+    hints: dict[str, int] = {}
+    values = [value_spec(n.meta.get("example_value"), hints) for n in gm.graph.nodes]
+    placeholders = [(n, v) for n, v in zip(gm.graph.nodes, values) if n.op == "placeholder"]
+    inputs = []
+    for (node, spec), source in zip(placeholders, sources):
+        if spec is None or spec.kind not in ("tensor", "symint"):
             raise ValueError(f"graph input {source} has no example value Dynamo recorded")
-    return specs, hints
+        inputs.append(InputSpec(source, spec))
+    return inputs, values, hints
 
 
 def _hints(value: torch.SymInt) -> dict[str, int]:
@@ -143,52 +164,58 @@ def pickle_graph(gm: torch.fx.GraphModule) -> bytes:
     return GraphPickler.dumps(bare, Options(ops_filter=None, node_metadata_key_filter=lambda key: False))
 
 
-def fake_inputs(entry: TracedGraph) -> tuple[list[Any], Any]:
-    """Fake graph inputs with fresh shape symbols standing for the saved ones, and their fake mode."""
-    from torch._dynamo.source import ConstantSource
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+class FakeValues:
+    """Builds fake values from specs, with fresh shape symbols standing for the saved ones."""
 
-    shape_env = ShapeEnv()
-    mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
-    by_name = {}
-    for name, hint in sorted(entry.symbol_hints.items()):
-        symbol = shape_env.create_symbol(hint, ConstantSource(name))
-        by_name[name] = shape_env.create_symintnode(symbol, hint=hint)
+    def __init__(self, symbol_hints: dict[str, int]) -> None:
+        from torch._dynamo.source import ConstantSource
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    def value(text: str) -> Any:  # "64", "s72", "64*s72": SymInt arithmetic rebuilds it on the new symbols
-        return eval(text, {"__builtins__": {}}, by_name)
+        shape_env = ShapeEnv()
+        self.mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
+        self.symbols = {}
+        for name, hint in sorted(symbol_hints.items()):
+            symbol = shape_env.create_symbol(hint, ConstantSource(name))
+            self.symbols[name] = shape_env.create_symintnode(symbol, hint=hint)
 
-    inputs = []
-    with mode:
-        for spec in entry.inputs:
-            if spec.kind == "symint":
-                inputs.append(value(spec.expr))
-            else:
-                shape, stride, offset = [value(d) for d in spec.shape], [value(s) for s in spec.stride], value(spec.offset)
-                extent = offset + sum((n - 1) * st for n, st in zip(shape, stride)) + 1
-                base = torch.empty(extent, dtype=getattr(torch, spec.dtype), device=spec.device)
-                inputs.append(base.as_strided(shape, stride, offset))
-    return inputs, mode
+    def _int(self, text: str) -> Any:  # "64", "s72", "64*s72": SymInt arithmetic rebuilds it on the new symbols
+        return eval(text, {"__builtins__": {}}, self.symbols)
+
+    def build(self, spec: ValueSpec | None) -> Any:
+        if spec is None:
+            return None
+        if spec.kind == "symint":
+            return self._int(spec.expr)
+        if spec.kind == "seq":
+            return tuple(self.build(s) for s in spec.items)
+        if spec.kind == "const":
+            return spec.const
+        shape, stride, offset = [self._int(d) for d in spec.shape], [self._int(s) for s in spec.stride], \
+            self._int(spec.offset)
+        extent = offset + sum((n - 1) * st for n, st in zip(shape, stride)) + 1
+        with self.mode:
+            base = torch.empty(extent, dtype=getattr(torch, spec.dtype), device=spec.device)
+            return base.as_strided(shape, stride, offset)
 
 
-def load_graph(entry: TracedGraph, inputs: list[Any], mode: Any) -> torch.fx.GraphModule:
-    """The saved graph with Dynamo's ``example_value`` on every node again, computed on ``inputs``: the
-    split reads them (a piece that uses a symbolic size gets the size symbol as an input), and without
-    them the pieces, and their cache keys, would differ from a cold start's."""
+def load_graph(entry: TracedGraph) -> tuple[torch.fx.GraphModule, list[Any], Any]:
+    """The saved graph with Dynamo's ``example_value`` on every node again (the split reads them: a piece
+    that uses a symbolic size gets the size symbol as an input, and without them the pieces, and their
+    cache keys, would differ from a cold start's), fake inputs for it and their fake mode."""
     from torch.fx._graph_pickler import GraphPickler
 
-    gm = GraphPickler.loads(entry.graph, mode)
-
-    class _Record(torch.fx.Interpreter):
-        def run_node(self, node: torch.fx.Node) -> Any:
-            value = super().run_node(node)
+    fakes = FakeValues(entry.symbol_hints)
+    gm = GraphPickler.loads(entry.graph, fakes.mode)
+    nodes = list(gm.graph.nodes)
+    if len(nodes) != len(entry.values):
+        raise ValueError(f"the saved graph has {len(nodes)} nodes and {len(entry.values)} values")
+    for node, spec in zip(nodes, entry.values):
+        value = fakes.build(spec)
+        if value is not None:
             node.meta["example_value"] = value
-            return value
-
-    with mode:
-        _Record(gm).run(*inputs)
-    return gm
+    inputs = [n.meta["example_value"] for n in nodes if n.op == "placeholder"]
+    return gm, inputs, fakes.mode
 
 
 class TraceCache:
