@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import runtime.distributed.moe_all_to_all  # noqa: F401  (registers graphmode::moe_all_to_all)
 import runtime.ops.moe  # noqa: F401  (registers graphmode::fused_moe)
 from models.layers import GatedMLP
 from models.parallel_layers import Shard, even_shard
@@ -43,6 +44,9 @@ class SparseMoeBlock(nn.Module):
             experts = Shard(num_experts, 0, num_experts)
             self.inter = even_shard(intermediate_size, parallel.rank, parallel.world_size)
         self.expert_start, self.num_local_experts = experts.start, experts.count
+        self.expert_starts = [even_shard(num_experts, r, parallel.world_size).start
+                              for r in range(parallel.world_size)]
+        self.all_to_all = parallel.expert_parallel and parallel.expert_comm == "all_to_all"
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.w13 = nn.Parameter(torch.empty(experts.count, 2 * self.inter.count, hidden_size))
         self.w2 = nn.Parameter(torch.empty(experts.count, hidden_size, self.inter.count))
@@ -54,6 +58,9 @@ class SparseMoeBlock(nn.Module):
         topk_weights, topk_ids = torch.topk(routing, self.top_k, dim=-1)
         if self.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        if self.all_to_all:
+            return torch.ops.graphmode.moe_all_to_all(x, self.w13, self.w2, topk_weights.to(x.dtype), topk_ids,
+                                                      self.expert_starts, self.parallel.group_name)
         if self.num_local_experts != self.num_experts:
             local = topk_ids - self.expert_start
             topk_ids = torch.where((local >= 0) & (local < self.num_local_experts), local, -1)

@@ -27,6 +27,7 @@ from runtime.bench.startup import STARTUP_COLUMNS, bench_startup
 from runtime.bench.startup import add_parser as add_startup_parser
 from runtime.bench.throughput import bench_throughput
 from runtime.contracts.config import EngineConfig
+from runtime.distributed.parallel_state import EXPERT_PARALLEL_COMMS
 from runtime.logger import set_level as set_log_level
 from runtime.platforms import current_platform
 
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ranks (one worker process each) to shard the model over")
         s.add_argument("--enable-expert-parallel", action="store_true",
                        help="MoE models under tensor parallelism: whole experts per rank")
+        s.add_argument("--expert-parallel-comm", choices=EXPERT_PARALLEL_COMMS, default="all_reduce",
+                       help="under --enable-expert-parallel: all_reduce (one all-reduce of every token's partial "
+                            "sums) or all_to_all (tokens to their experts' ranks and back) (default: %(default)s)")
         s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                        help="schedule and launch each step while the previous one runs on the device "
                             "(default: the platform's: on for devices with streams, off on CPU)")

@@ -154,5 +154,6 @@ def make_engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: in
     if loaded is None:  # tensor parallelism: the workers load the checkpoint
         return LLM(checkpoint_path(args), dtype=args.dtype, compilation_config=compilation,
                    tensor_parallel_size=args.tensor_parallel_size,
-                   enable_expert_parallel=args.enable_expert_parallel, **common)
+                   enable_expert_parallel=args.enable_expert_parallel,
+                   expert_parallel_comm=args.expert_parallel_comm, **common)
     return LLM.from_loaded(loaded, **common)

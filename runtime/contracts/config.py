@@ -73,6 +73,9 @@ class EngineConfig:
     # puts whole MoE experts on each rank instead of slicing every expert.
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    # How expert outputs meet under expert parallelism: "all_reduce" (every rank runs its experts on every
+    # token; capturable in graphs) or "all_to_all" (tokens travel to their experts' ranks and back).
+    expert_parallel_comm: str = "all_reduce"
     # One device only: hold the device this many microseconds at every place a tensor-parallel all-reduce
     # would run (graphmode::simulated_collective), so DBO's overlap can be measured on one device. 0: off.
     simulate_collective_us: float = 0.0
@@ -114,6 +117,8 @@ class EngineConfig:
         self.parallel_config()  # validates tensor_parallel_size
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
             raise ValueError("enable_expert_parallel needs tensor_parallel_size >= 2")
+        if self.expert_parallel_comm != "all_reduce" and not self.enable_expert_parallel:
+            raise ValueError(f"expert_parallel_comm={self.expert_parallel_comm!r} needs enable_expert_parallel=True")
         if not isinstance(self.simulate_collective_us, (int, float)) or self.simulate_collective_us < 0:
             raise ValueError(f"simulate_collective_us must be >= 0, got {self.simulate_collective_us!r}")
         if self.simulate_collective_us and self.tensor_parallel_size > 1:
@@ -144,7 +149,7 @@ class EngineConfig:
         return {"encoder_attention": self.mm_encoder_attn_backend} if self.mm_encoder_attn_backend else {}
 
     def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(self.tensor_parallel_size, self.enable_expert_parallel)
+        return ParallelConfig(self.tensor_parallel_size, self.enable_expert_parallel, self.expert_parallel_comm)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

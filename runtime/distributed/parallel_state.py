@@ -20,15 +20,24 @@ from runtime.platforms import current_platform
 logger = logging.getLogger(__name__)
 
 
+# all_reduce: every rank runs its experts on every token, one all-reduce sums them (capturable in graphs);
+# all_to_all: each token goes to its experts' ranks and back (runtime/distributed/moe_all_to_all.py).
+EXPERT_PARALLEL_COMMS = ("all_reduce", "all_to_all")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """What the user asked for (``--tensor-parallel-size``, ``--enable-expert-parallel``)."""
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    expert_parallel_comm: str = "all_reduce"  # how expert outputs meet: EXPERT_PARALLEL_COMMS
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.expert_parallel_comm not in EXPERT_PARALLEL_COMMS:
+            raise ValueError(f"expert_parallel_comm must be one of {', '.join(EXPERT_PARALLEL_COMMS)}, got "
+                             f"{self.expert_parallel_comm!r}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class ParallelContext:
     world_size: int = 1
     group_name: str = ""
     expert_parallel: bool = False
+    expert_comm: str = "all_reduce"  # under expert_parallel: one of EXPERT_PARALLEL_COMMS
     # One rank only: hold the device this long where a tensor-parallel all-reduce would run
     # (graphmode::simulated_collective), so DBO's overlap can be measured without a second device.
     simulate_collective_us: float = 0.0
@@ -73,14 +83,14 @@ def use_parallel(context: ParallelContext) -> Iterator[ParallelContext]:
 
 
 def init_distributed(rank: int, world_size: int, init_method: str, expert_parallel: bool,
-                     timeout_s: float = 600.0) -> ParallelContext:
+                     timeout_s: float = 600.0, expert_comm: str = "all_reduce") -> ParallelContext:
     """Join the process group through the platform's backend (gloo on CPU, nccl on CUDA)."""
     current_platform.set_device(rank)
     dist.init_process_group(backend=current_platform.dist_backend, init_method=init_method, rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     group = dist.group.WORLD
     logger.info("rank %d/%d joined the %s process group", rank, world_size, current_platform.dist_backend)
-    return ParallelContext(rank, world_size, group.group_name, expert_parallel)
+    return ParallelContext(rank, world_size, group.group_name, expert_parallel, expert_comm)
 
 
 def destroy_distributed() -> None:

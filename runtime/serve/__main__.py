@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the model over this many ranks, one worker process each (default: %(default)s)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="MoE models under tensor parallelism: whole experts per rank instead of slices of every expert")
+    # The choices of runtime.distributed.parallel_state.EXPERT_PARALLEL_COMMS, spelled out: --help imports no torch.
+    p.add_argument("--expert-parallel-comm", choices=("all_reduce", "all_to_all"), default="all_reduce",
+                   help="how expert outputs meet under --enable-expert-parallel: all_reduce (every rank runs its "
+                        "experts on every token, one all-reduce; captures in graphs) or all_to_all (each token "
+                        "travels to its experts' ranks and back; not capturable) (default: %(default)s)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch each engine step while the previous one runs on the device, its "
                         "sampled tokens feeding the next step there (default: on for devices with streams, off on CPU; "
@@ -145,6 +150,7 @@ def _build_engine(args: argparse.Namespace):
                           max_image_patches=args.max_image_patches,
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel,
+                          expert_parallel_comm=args.expert_parallel_comm,
                           generation_config=args.generation_config,
                           mm_encoder_attn_backend=args.mm_encoder_attn_backend)
     start = time.perf_counter()

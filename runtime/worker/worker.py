@@ -57,7 +57,8 @@ class Worker:
         current_platform.configure_process()
         parallel = None
         if spec.world_size > 1:
-            parallel = init_distributed(spec.rank, spec.world_size, spec.init_method, config.enable_expert_parallel)
+            parallel = init_distributed(spec.rank, spec.world_size, spec.init_method, config.enable_expert_parallel,
+                                        expert_comm=config.expert_parallel_comm)
         elif config.simulate_collective_us:
             parallel = ParallelContext(simulate_collective_us=config.simulate_collective_us)
         current_platform.manual_seed(config.seed)

@@ -35,6 +35,10 @@ def test_unshardable_layouts_are_clear_errors():
         EngineConfig(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="enable_expert_parallel needs tensor_parallel_size >= 2"):
         EngineConfig(enable_expert_parallel=True)
+    with pytest.raises(ValueError, match="expert_parallel_comm must be one of all_reduce, all_to_all, got 'nccl'"):
+        EngineConfig(tensor_parallel_size=2, enable_expert_parallel=True, expert_parallel_comm="nccl")
+    with pytest.raises(ValueError, match="expert_parallel_comm='all_to_all' needs enable_expert_parallel=True"):
+        EngineConfig(tensor_parallel_size=2, expert_parallel_comm="all_to_all")
     with pytest.raises(ValueError, match="pass a checkpoint path"):
         from runtime.engine.core import EngineCore
         EngineCore(EngineConfig(tensor_parallel_size=2), loaded=object())

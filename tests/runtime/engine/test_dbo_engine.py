@@ -91,7 +91,8 @@ def test_dbo_on_smollm2_matches_off(smollm2, smollm2_tokenizer):
     ("LlamaForCausalLM", False, False, (False, True)),
     ("LlamaForCausalLM", True, False, (True,)),
     ("Qwen3MoeForCausalLM", False, True, (True,)),  # expert parallel: yields at the MoE combine too
-], ids=["eager", "compiled", "moe-ep"])
+    ("Qwen3MoeForCausalLM", False, "all_to_all", (True,)),  # and at the dispatch, by all-to-all
+], ids=["eager", "compiled", "moe-ep", "moe-ep-all-to-all"])
 def test_dbo_with_tensor_parallel_2_matches_tp1_and_interleaves(tmp_path, arch, compiled, ep, dbo_modes):
     path = write_tiny_checkpoint(arch, str(tmp_path / "ckpt"))
     cfg = dict(mode="compile", backend="eager", graph_mode="piecewise", capture_sizes=[1, 2, 4, 8, 16, 32]) \
@@ -100,8 +101,8 @@ def test_dbo_with_tensor_parallel_2_matches_tp1_and_interleaves(tmp_path, arch, 
     for dbo in dbo_modes:
         llm = LLM(path, dtype="float32", max_num_seqs=32, max_model_len=128, num_kv_blocks=256,
                   max_num_batched_tokens=64, enable_dbo=dbo, dbo_decode_token_threshold=8,
-                  dbo_prefill_token_threshold=16, tensor_parallel_size=2, enable_expert_parallel=ep,
-                  compilation_config=cfg)
+                  dbo_prefill_token_threshold=16, tensor_parallel_size=2, enable_expert_parallel=bool(ep),
+                  expert_parallel_comm="all_to_all" if ep == "all_to_all" else "all_reduce", compilation_config=cfg)
         try:
             tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
             stats = llm.engine.executor.call_workers("dbo_stats")
@@ -116,7 +117,7 @@ def test_dbo_with_tensor_parallel_2_matches_tp1_and_interleaves(tmp_path, arch, 
             labels = [p.label for p in trace if p.ubatch == 0 and p.action == "launch"]
             assert len(labels) >= 4  # two all-reduces per layer at least
             assert [(p.ubatch, p.action, p.label) for p in trace] == _alternation(labels)
-            assert ("moe_combine" in labels) == ep
+            assert ("moe_combine" in labels) == bool(ep) and ("moe_dispatch" in labels) == (ep == "all_to_all")
         assert stats[0][1] == stats[1][1]
 
 

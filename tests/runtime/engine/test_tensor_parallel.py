@@ -96,11 +96,12 @@ def moe_expected(moe_dir):
 
 
 @pytest.mark.parametrize("compilation", [None, PIECEWISE_SPLIT_AT_ALL_REDUCE], ids=["eager", "piecewise"])
-@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp", "ep"])
-def test_qwen3_moe_tp2_greedy_equals_tp1(moe_dir, moe_expected, compilation, expert_parallel):
+@pytest.mark.parametrize("parallel", [{}, {"enable_expert_parallel": True},
+                                      {"enable_expert_parallel": True, "expert_parallel_comm": "all_to_all"}],
+                         ids=["tp", "ep", "ep-all-to-all"])
+def test_qwen3_moe_tp2_greedy_equals_tp1(moe_dir, moe_expected, compilation, parallel):
     expected, expected_seeded = moe_expected
-    llm = LLM(moe_dir, tensor_parallel_size=2, enable_expert_parallel=expert_parallel,
-              compilation_config=compilation, **ENGINE)
+    llm = LLM(moe_dir, tensor_parallel_size=2, compilation_config=compilation, **parallel, **ENGINE)
     try:
         assert _tokens(llm, MOE_PROMPTS) == expected
         # Seeded sampling: the sampling rank keeps each request's generator across steps.
@@ -114,9 +115,12 @@ def llama_dir(tmp_path):
     return write_tiny_checkpoint("LlamaForCausalLM", str(tmp_path / "llama"))
 
 
-@pytest.mark.parametrize("victim", [0, 1])
-def test_killed_worker_makes_the_engine_raise_within_seconds(llama_dir, victim):
-    llm = LLM(llama_dir, tensor_parallel_size=2, **ENGINE)
+@pytest.mark.parametrize("victim,model", [(0, "llama"), (1, "llama"), (1, "moe-all-to-all")])
+def test_killed_worker_makes_the_engine_raise_within_seconds(llama_dir, moe_dir, victim, model):
+    # The MoE case dies inside the all-to-all exchange: the survivor is left waiting in a collective.
+    path, extra = (llama_dir, {}) if model == "llama" else \
+        (moe_dir, {"enable_expert_parallel": True, "expert_parallel_comm": "all_to_all"})
+    llm = LLM(path, tensor_parallel_size=2, **extra, **ENGINE)
     executor = llm.engine.executor
     _tokens(llm, [[1, 2, 3]])
     pid = executor.pids[victim]
