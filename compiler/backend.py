@@ -29,6 +29,12 @@ from compiler.split import Piece, graph_op_counts, split_graph
 logger = logging.getLogger(__name__)
 
 
+def _example_values(piece: torch.fx.GraphModule) -> list[Any] | None:
+    """The piece's inputs as Dynamo saw them (fake tensors, SymInts), or None where one is not recorded."""
+    values = [n.meta.get("example_value") for n in piece.graph.nodes if n.op == "placeholder"]
+    return None if any(v is None for v in values) else values
+
+
 class GraphModeBackend:
     def __init__(self, config: CompilationConfig, tag: str, compiler: CompilerInterface, model_source_hash: str,
                  platform_name: str, pass_manager: Any | None = None) -> None:
@@ -119,11 +125,17 @@ class GraphModeBackend:
         return "hit" if hits and not misses else ("miss" if misses and not hits else f"{hits} hits/{misses} misses")
 
     def _compile_pieces(self, split_gm: torch.fx.GraphModule, example_inputs: list[Any]) -> None:
-        """Walk the split module on fake inputs; compile each piece with the fake args it receives."""
+        """Compile each piece with the fake args it receives: its placeholders' example values (the split
+        copies them from Dynamo's nodes), else those of a walk of the split module on fake inputs."""
+        by_name = {p.name: p for p in self.pieces}
+        inputs = {p.name: _example_values(p.module) for p in self.pieces if not p.is_splitting_op}
+        if all(v is not None for v in inputs.values()):
+            for name, fake_args in inputs.items():
+                split_gm.__dict__[name] = self._compile_one(by_name[name], fake_args)
+            return
         fake_mode = detect_fake_mode(example_inputs)
         # The fake mode memoises Dynamo's fakes of these tensors, symbolic dims included.
         fake_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-        by_name = {p.name: p for p in self.pieces}
         backend = self
 
         class _Compiler(torch.fx.Interpreter):

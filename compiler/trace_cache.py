@@ -191,12 +191,14 @@ class FakeValues:
             return tuple(self.build(s) for s in spec.items)
         if spec.kind == "const":
             return spec.const
-        shape, stride, offset = [self._int(d) for d in spec.shape], [self._int(s) for s in spec.stride], \
-            self._int(spec.offset)
-        extent = offset + sum((n - 1) * st for n, st in zip(shape, stride)) + 1
+        shape, stride = [self._int(d) for d in spec.shape], [self._int(s) for s in spec.stride]
+        dtype = getattr(torch, spec.dtype)
         with self.mode:
-            base = torch.empty(extent, dtype=getattr(torch, spec.dtype), device=spec.device)
-            return base.as_strided(shape, stride, offset)
+            if spec.offset == "0":
+                return torch.empty_strided(shape, stride, dtype=dtype, device=spec.device)
+            offset = self._int(spec.offset)  # a view into a larger buffer: a base that holds it
+            extent = offset + sum((n - 1) * st for n, st in zip(shape, stride)) + 1
+            return torch.empty(extent, dtype=dtype, device=spec.device).as_strided(shape, stride, offset)
 
 
 def load_graph(entry: TracedGraph) -> tuple[torch.fx.GraphModule, list[Any], Any]:
