@@ -100,6 +100,9 @@ class StaticGraphRunner:
                            self.name, size, describe_capture_failure(e, platform))
             self.failed = True
             runtime.failed_kinds.add(self.kind)
+            # Later captures get a pool of their own: the failed one may still be registered as recording
+            # with the allocator (its capture never ended cleanly), and a capture into it is refused.
+            runtime.pool = platform.graph_pool_handle()
             return self.fn(*args)
         runtime.capture_seconds += time.perf_counter() - start
         grown = max(0, platform.memory_reserved() - before)
