@@ -112,7 +112,6 @@ class CompiledForward:
                     f"argument structure and dtypes): {str(e).splitlines()[0]}") from None
         return self.compiled(module, *args, **kwargs)
 
-
     def _first_call(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
         bound = bound_arguments(self.signature, module, args, kwargs)
         key = TraceCache.key(module, bound, self.tag) if self.traces is not None else None
