@@ -24,7 +24,8 @@ class SparseMoeBlock(nn.Module):
     ``expert_start``). Either way a rank's output is a partial sum and one all-reduce combines it.
     Expert parallelism needs no dispatch communication here: attention is tensor-parallel, so
     every rank already holds every token, and a rank just runs the (token, expert) pairs whose
-    expert it owns (the others are marked -1 for the op to skip).
+    expert it owns (the others are marked -1 for the op to skip). Experts split over data-parallel
+    ranks, each with its own tokens, travel by ``graphmode::moe_all_to_all`` instead.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
@@ -35,18 +36,21 @@ class SparseMoeBlock(nn.Module):
         self.parallel = parallel = current_parallel()
         self.num_experts = num_experts
         if parallel.expert_parallel:
-            if num_experts < parallel.world_size:
-                raise ValueError(f"expert parallelism over {parallel.world_size} ranks needs at least as many "
+            ep_rank, ep_size, _ = parallel.expert_group
+            if num_experts < ep_size:
+                raise ValueError(f"expert parallelism over {ep_size} ranks needs at least as many "
                                  f"experts, the model has {num_experts}")
-            experts = even_shard(num_experts, parallel.rank, parallel.world_size)
+            experts = even_shard(num_experts, ep_rank, ep_size)
             self.inter = Shard(intermediate_size, 0, intermediate_size)
+            self.expert_starts = [even_shard(num_experts, r, ep_size).start for r in range(ep_size)]
         else:
             experts = Shard(num_experts, 0, num_experts)
             self.inter = even_shard(intermediate_size, parallel.rank, parallel.world_size)
+            self.expert_starts = [0]
         self.expert_start, self.num_local_experts = experts.start, experts.count
-        self.expert_starts = [even_shard(num_experts, r, parallel.world_size).start
-                              for r in range(parallel.world_size)]
-        self.all_to_all = parallel.expert_parallel and parallel.expert_comm == "all_to_all"
+        # Data-parallel ranks hold different tokens: only the all-to-all brings them to their experts.
+        self.all_to_all = parallel.expert_parallel and (parallel.expert_comm == "all_to_all"
+                                                        or not parallel.tokens_shared)
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.w13 = nn.Parameter(torch.empty(experts.count, 2 * self.inter.count, hidden_size))
         self.w2 = nn.Parameter(torch.empty(experts.count, hidden_size, self.inter.count))
@@ -60,7 +64,8 @@ class SparseMoeBlock(nn.Module):
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
         if self.all_to_all:
             return torch.ops.graphmode.moe_all_to_all(x, self.w13, self.w2, topk_weights.to(x.dtype), topk_ids,
-                                                      self.expert_starts, self.parallel.group_name)
+                                                      self.expert_starts, self.parallel.expert_group[2],
+                                                      self.parallel.tokens_shared)
         if self.num_local_experts != self.num_experts:
             local = topk_ids - self.expert_start
             topk_ids = torch.where((local >= 0) & (local < self.num_local_experts), local, -1)

@@ -76,6 +76,12 @@ class EngineConfig:
     # How expert outputs meet under expert parallelism: "all_reduce" (every rank runs its experts on every
     # token; capturable in graphs) or "all_to_all" (tokens travel to their experts' ranks and back).
     expert_parallel_comm: str = "all_reduce"
+    # Data parallelism: this many engine cores, each with its own device(s) and KV cache, behind one front-end
+    # (runtime/engine/dp_client.py). The launcher sets each core's rank and, for a MoE model whose experts are
+    # split over the data-parallel ranks (enable_expert_parallel), where those ranks meet (tcp://host:port).
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
+    data_parallel_master: str | None = None
     # One device only: hold the device this many microseconds at every place a tensor-parallel all-reduce
     # would run (graphmode::simulated_collective), so DBO's overlap can be measured on one device. 0: off.
     simulate_collective_us: float = 0.0
@@ -112,11 +118,22 @@ class EngineConfig:
         for name in ("dbo_decode_token_threshold", "dbo_prefill_token_threshold"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 2:
                 raise ValueError(f"{name} must be an integer >= 2, got {getattr(self, name)!r}")
+        if self.enable_dbo and self.enable_expert_parallel and self.data_parallel_size > 1:
+            raise ValueError("DBO with expert parallelism over data-parallel ranks is not supported: a rank's dummy "
+                             "step would enter fewer collectives than a peer's split one")
         if self.force_dbo and not self.enable_dbo:
             raise ValueError("force_dbo=True needs enable_dbo=True")
         self.parallel_config()  # validates tensor_parallel_size
-        if self.enable_expert_parallel and self.tensor_parallel_size < 2:
-            raise ValueError("enable_expert_parallel needs tensor_parallel_size >= 2")
+        if not isinstance(self.data_parallel_size, int) or self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be a positive integer, got {self.data_parallel_size!r}")
+        if not isinstance(self.data_parallel_rank, int) or not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(f"data_parallel_rank must be in [0, {self.data_parallel_size}), got "
+                             f"{self.data_parallel_rank!r}")
+        if self.enable_expert_parallel and self.tensor_parallel_size < 2 and self.data_parallel_size < 2:
+            raise ValueError("enable_expert_parallel needs tensor_parallel_size >= 2 or data_parallel_size >= 2")
+        if self.experts_over_data_parallel and self.tensor_parallel_size > 1:
+            raise ValueError("expert parallelism over data-parallel ranks runs with tensor_parallel_size=1 (each rank "
+                             "one device); tensor parallelism inside each data-parallel rank is not supported with it")
         if self.expert_parallel_comm != "all_reduce" and not self.enable_expert_parallel:
             raise ValueError(f"expert_parallel_comm={self.expert_parallel_comm!r} needs enable_expert_parallel=True")
         if not isinstance(self.simulate_collective_us, (int, float)) or self.simulate_collective_us < 0:
@@ -141,8 +158,14 @@ class EngineConfig:
 
     @property
     def communicates(self) -> bool:
-        """The forward runs collectives: the model is sharded over several ranks, or simulates them."""
-        return self.tensor_parallel_size > 1 or self.simulate_collective_us > 0
+        """The forward runs collectives: the model is sharded over several ranks (its experts over the
+        data-parallel ones included), or simulates them."""
+        return self.tensor_parallel_size > 1 or self.simulate_collective_us > 0 or self.experts_over_data_parallel
+
+    @property
+    def experts_over_data_parallel(self) -> bool:
+        """A MoE model's experts are split over the data-parallel ranks, whose steps must then line up."""
+        return self.enable_expert_parallel and self.data_parallel_size > 1
 
     def model_options(self) -> dict[str, Any]:
         """Constructor options of the model class (models/loader.py: build_model)."""

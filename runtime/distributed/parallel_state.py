@@ -42,8 +42,8 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """This process's place in the tensor-parallel group (the whole world: no pipeline or data
-    parallelism here). ``group_name`` names the process group for the collective custom ops."""
+    """This process's place in the tensor-parallel group, and in the data-parallel one where the MoE experts
+    are split over data-parallel ranks. ``group_name`` names the process group for the collective custom ops."""
     rank: int = 0
     world_size: int = 1
     group_name: str = ""
@@ -52,6 +52,11 @@ class ParallelContext:
     # One rank only: hold the device this long where a tensor-parallel all-reduce would run
     # (graphmode::simulated_collective), so DBO's overlap can be measured without a second device.
     simulate_collective_us: float = 0.0
+    # Data parallelism with expert parallelism: every data-parallel rank runs the dense layers whole on
+    # its own tokens, and the experts are split over the data-parallel ranks (tokens travel all-to-all).
+    data_parallel_rank: int = 0
+    data_parallel_size: int = 1
+    data_parallel_group_name: str = ""
 
     @property
     def is_parallel(self) -> bool:
@@ -59,8 +64,22 @@ class ParallelContext:
 
     @property
     def communicates(self) -> bool:
-        """Row-parallel layers end in a collective: a real one, or its simulation on one rank."""
-        return self.is_parallel or self.simulate_collective_us > 0
+        """The forward runs a collective: row-parallel layers' (real or simulated), or the MoE all-to-all
+        between data-parallel ranks."""
+        return self.is_parallel or self.simulate_collective_us > 0 or self.data_parallel_size > 1
+
+    @property
+    def expert_group(self) -> tuple[int, int, str]:
+        """(rank, size, process group name) of the ranks the experts are split over under expert parallelism:
+        the data-parallel ranks when there are several, else the tensor-parallel ones."""
+        if self.data_parallel_size > 1:
+            return self.data_parallel_rank, self.data_parallel_size, self.data_parallel_group_name
+        return self.rank, self.world_size, self.group_name
+
+    @property
+    def tokens_shared(self) -> bool:
+        """Every rank of the expert group holds the same tokens (tensor parallelism), not its own (data)."""
+        return self.data_parallel_size == 1
 
 
 _SINGLE = ParallelContext()
@@ -91,6 +110,16 @@ def init_distributed(rank: int, world_size: int, init_method: str, expert_parall
     group = dist.group.WORLD
     logger.info("rank %d/%d joined the %s process group", rank, world_size, current_platform.dist_backend)
     return ParallelContext(rank, world_size, group.group_name, expert_parallel, expert_comm)
+
+
+def init_data_parallel(rank: int, size: int, init_method: str, timeout_s: float = 600.0) -> ParallelContext:
+    """Join the data-parallel ranks' process group (each rank one engine core, one device): the expert
+    group of a MoE model whose experts are split over them."""
+    dist.init_process_group(backend=current_platform.dist_backend, init_method=init_method, rank=rank,
+                            world_size=size, timeout=datetime.timedelta(seconds=timeout_s))
+    logger.info("data-parallel rank %d/%d joined the %s process group", rank, size, current_platform.dist_backend)
+    return ParallelContext(expert_parallel=True, expert_comm="all_to_all", data_parallel_rank=rank,
+                           data_parallel_size=size, data_parallel_group_name=dist.group.WORLD.group_name)
 
 
 def destroy_distributed() -> None:

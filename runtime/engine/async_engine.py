@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from runtime.engine.core import EngineCore
-from runtime.engine.outputs import RequestOutput
+from runtime.engine.outputs import EngineStats, RequestOutput
 from runtime.contracts.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,19 +39,6 @@ class _Stream:
             pass
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    kv_used_blocks: int
-    kv_total_blocks: int
-    prefix_cache_hit_rate: float
-    num_steps: int
-    graph_replays: int = 0  # static device graph replays (rank 0's, under tensor parallelism)
-    eager_steps: int = 0  # forwards run without a graph although graphs were enabled
-
-
 class AsyncEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
@@ -70,13 +57,16 @@ class AsyncEngine:
 
     # ---- the HTTP side ---------------------------------------------------------------------
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       images: list | None = None) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request until it finishes; leaving early aborts it."""
+                       images: list | None = None,
+                       data_parallel_rank: int | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request until it finishes; leaving early aborts it. ``data_parallel_rank``
+        pins it to that engine core (data parallelism; checked by the caller against ``data_parallel_size``)."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        placement = {} if data_parallel_rank is None else {"data_parallel_rank": data_parallel_rank}
         with self._lock:
             if self._closed or self._stop.is_set():
                 raise EngineDeadError(f"the engine loop has stopped{f': {self._dead}' if self._dead else ''}")
-            self._inbox.put(("add", request_id, prompt, params, stream, images))
+            self._inbox.put(("add", request_id, prompt, params, stream, images, placement))
             self._listening.add(stream)
         self._wakeup.set()
         finished = False
@@ -108,10 +98,15 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
 
-    def stats(self) -> EngineStats:
-        kv, sched = self.core.kv_cache, self.core.scheduler
-        return EngineStats(sched.num_running, sched.num_waiting, kv.usage, kv.num_used_blocks, kv.num_blocks,
-                           kv.hit_rate, self.core.num_steps, self.core.graph_replays, self.core.eager_steps)
+    def stats(self) -> list[EngineStats]:
+        """One entry per engine core (several under data parallelism), by rank."""
+        return self.core.stats()
+
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve fully (its loop stopped, an engine core died), or None."""
+        if not self.is_alive:
+            return "the engine loop is not running"
+        return self.core.health_problem()
 
     @property
     def failure(self) -> BaseException | None:
@@ -145,6 +140,10 @@ class AsyncEngine:
                 else:
                     self._wakeup.wait(_IDLE_WAIT_S)
                     self._wakeup.clear()
+                    self.core.check_health()  # a data-parallel core may die while this one has nothing to do
+        except EngineDeadError as e:  # a part of the engine died (a data-parallel core): its story is logged
+            logger.error("engine loop stopped: %s", e)
+            self._dead = e
         except BaseException as e:  # noqa: BLE001 - a dead loop must fail every waiting stream
             logger.exception("engine loop died")
             self._dead = e
@@ -168,13 +167,14 @@ class AsyncEngine:
             elif command[0] == "call":
                 self._call(*command[1:])
 
-    def _add(self, request_id: str, prompt, params: SamplingParams, stream: _Stream, images: list | None) -> None:
+    def _add(self, request_id: str, prompt, params: SamplingParams, stream: _Stream, images: list | None,
+             placement: dict[str, int]) -> None:
         if self._stop.is_set():
             stream.put(EngineDeadError("the engine is shutting down"))
             return
         try:
-            self.core.add_request(request_id, prompt, params, images=images)
-        except ValueError as e:
+            self.core.add_request(request_id, prompt, params, images=images, **placement)
+        except (ValueError, EngineDeadError) as e:  # a bad request, or pinned to a dead data-parallel core
             stream.put(e)
             return
         self._streams[request_id] = stream
@@ -203,6 +203,10 @@ class AsyncEngine:
             stream.put(out)
             if out.finished:
                 del self._streams[out.request_id]
+        for request_id, error in self.core.take_failed_requests():  # e.g. its data-parallel engine core died
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(error)
 
     def _abort_all(self, error: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):

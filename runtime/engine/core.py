@@ -11,27 +11,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from compiler.config import CompilationConfig
-from models.checkpoint import Checkpoint, load_config, load_tokenizer, resolve_checkpoint
 from models.gguf_file import gguf_parsed_once
-from models.default import default_model_path, is_embedded_default
-from models.generation_defaults import read_generation_defaults
 from models.loader import LoadedModel
-from models.parallel_layers import check_shardable
-from models.qwen2_vl_processing import Qwen2VLInputProcessor
-from models.registry import resolve_model_class
 from runtime.contracts.config import EngineConfig
 from runtime.contracts.request import Request, RequestStatus
 from runtime.contracts.runner_output import StepHandle
 from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams, sequence_seed
 from runtime.contracts.scheduler_output import SchedulerOutput
-from runtime.distributed.parallel_state import ParallelContext
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.executor import Executor, InProcessExecutor
 from runtime.engine.kv_cache import KVCacheManager
 from runtime.engine.multiproc_executor import MultiprocExecutor
-from runtime.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from runtime.engine.scheduler import Scheduler, SchedulerConfig
+from runtime.engine.served_model import ServedModel
 from runtime.platforms import current_platform
 from runtime.tracing import ProfilerStateError
 from runtime.worker.worker import WorkerSpec
@@ -73,20 +66,6 @@ class _Parent:
                                             m.num_preemptions))
 
 
-def engine_max_model_len(config: EngineConfig, model_config: Any) -> int:
-    """The context length the engine serves: the config's, else the model's capped at 4096 (and later at
-    what the KV cache holds: ``EngineCore._fit_max_model_len``)."""
-    model_max = model_config.get_text_config().max_position_embeddings  # a VLM keeps it with its decoder
-    if config.max_model_len is not None and config.max_model_len > model_max:
-        raise ValueError(f"max_model_len={config.max_model_len} is beyond this model's maximum context "
-                         f"({model_max} positions)")
-    max_model_len = config.max_model_len or min(model_max, 4096)
-    if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
-        raise ValueError(f"max_num_batched_tokens={config.max_num_batched_tokens} must be >= max_model_len="
-                         f"{max_model_len} when chunked prefill is off")
-    return max_model_len
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """``loaded`` reuses an already loaded model (tests, benchmarks); else ``config.model`` is loaded
@@ -98,27 +77,11 @@ class EngineCore:
                            "add work (each reads all weights; docs/perf.md measures the cost)%s", state, hint)
         # The config, the tokenizer and (in this process) the weights share one parse of a GGUF file.
         with gguf_parsed_once():
-            if loaded is not None:
-                if config.tensor_parallel_size > 1:
-                    raise ValueError("tensor_parallel_size > 1 loads the model in its worker processes: pass a "
-                                     "checkpoint path, not a model already in memory")
-                _check_simulated_collectives(config, loaded.model)
-                if loaded.compilation_config is not None:
-                    _check_enforce_eager(config, loaded.compilation_config)
-                    config.compilation_config = loaded.compilation_config  # graphs must match how it was compiled
-                checkpoint, self.model_config, self.tokenizer = loaded.checkpoint, loaded.config, loaded.tokenizer()
-            else:
-                checkpoint = resolve_checkpoint(config.model or default_model_path())
-                config.model = checkpoint.display
-                self.model_config, self.tokenizer = load_config(checkpoint), load_tokenizer(checkpoint)
-            self.vocab_size: int = self.model_config.get_text_config().vocab_size
-            self.sampling_defaults = _sampling_defaults(config, checkpoint)
-            self.max_model_len = engine_max_model_len(config, self.model_config)
-            self.model_class = resolve_model_class(self.model_config)
-            _check_encoder_attention(config, self.model_class, loaded)
-            if config.tensor_parallel_size > 1:
-                self._check_shardable()  # a clear error before any process starts
-            self.input_processor = _input_processor(self.model_class, self.model_config, checkpoint, config)
+            self.served = served = ServedModel.read(config, loaded)
+            self.model_config, self.tokenizer = served.model_config, served.tokenizer
+            self.model_class = served.model_class
+            self.vocab_size, self.sampling_defaults = served.vocab_size, served.sampling_defaults
+            self.max_model_len, self.input_processor = served.max_model_len, served.input_processor
             spec = WorkerSpec(config, self.max_model_len, self.model_config)
             self.executor: Executor = (MultiprocExecutor(spec) if config.tensor_parallel_size > 1
                                        else InProcessExecutor(spec, loaded))
@@ -155,10 +118,10 @@ class EngineCore:
 
     def _resolve_async_scheduling(self) -> bool:
         wanted = self.config.async_scheduling
-        if self.config.tensor_parallel_size > 1:
+        if self.config.tensor_parallel_size > 1 or self.config.experts_over_data_parallel:
             if wanted:
-                logger.info("async scheduling: off under tensor parallelism (the workers answer each step "
-                            "before the next is sent)")
+                logger.info("async scheduling: off under tensor parallelism and data-parallel expert parallelism "
+                            "(each step's collectives complete before the next is scheduled)")
             return False
         return current_platform.async_scheduling_default if wanted is None else wanted
 
@@ -171,15 +134,9 @@ class EngineCore:
             raise RuntimeError("a step is in flight: switch between runs, when has_unfinished_requests() is False")
         self.async_scheduling = enabled
 
-    def _check_shardable(self) -> None:
-        if not getattr(self.model_class, "supports_tensor_parallel", False):
-            raise ValueError(f"{self.model_class.__name__} does not support tensor parallelism yet: "
-                             "use tensor_parallel_size=1")
-        check_shardable(self.model_config, self.config.parallel_config())
-
     def default_sampling_params(self, **overrides: Any) -> SamplingParams:
         """SamplingParams with the checkpoint's recommended defaults (``generation_config``) under ``overrides``."""
-        return SamplingParams(**{**self.sampling_defaults, **overrides})
+        return self.served.default_sampling_params(**overrides)
 
     def start_profile(self, directory: str) -> None:
         """Every rank starts a torch profiler trace (runtime/tracing.py)."""
@@ -212,6 +169,29 @@ class EngineCore:
         """Stop the workers (their processes, under tensor parallelism)."""
         self.executor.shutdown()
 
+    # ---- what a front reads (the same calls as the data-parallel client's) ------------------
+    def stats(self) -> list[EngineStats]:
+        """This engine core's load: one entry (the data-parallel client gives one per core)."""
+        kv, sched = self.kv_cache, self.scheduler
+        return [EngineStats(sched.num_running, sched.num_waiting, kv.usage, kv.num_used_blocks, kv.num_blocks,
+                            kv.hit_rate, self.num_steps, self.graph_replays, self.eager_steps)]
+
+    def health_problem(self) -> str | None:
+        """None: a failure of this core's workers surfaces as an error of its next step."""
+        return None
+
+    def check_health(self) -> None:
+        """Called while idle; this core's failures surface at its next step, so there is nothing to check."""
+
+    def take_failed_requests(self) -> list[tuple[str, Exception]]:
+        """Requests that failed after they were accepted: none here (add_request raises at once)."""
+        return []
+
+    def dummy_step(self) -> None:
+        """A one-token forward that writes no KV and samples nothing: a data-parallel rank with no work runs it
+        so that every rank enters each step's expert collectives."""
+        self.executor.call_workers("dummy_step")
+
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     images: Sequence[Any] | None = None) -> None:
@@ -219,22 +199,13 @@ class EngineCore:
         if request_id in self._parents:
             raise ValueError(f"duplicate request id {request_id!r}")
         text = prompt if isinstance(prompt, str) else None
-        if text is not None and self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass prompts as token ids")
-        ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
+        ids = self.served.prompt_ids(prompt)
         multimodal = None
         if images:
-            if self.input_processor is None:
-                raise ValueError(f"this model ({self.model_class.__name__}) does not take images")
+            self.served.check_takes_images()
             ids, multimodal = self.input_processor.process(ids, images)
             self.input_processor.check(multimodal)
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; this model allows at most {self.max_model_len - 1} "
-                             f"(max_model_len={self.max_model_len})")
-        if max(ids) >= self.vocab_size or min(ids) < 0:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        self.served.check_prompt_length(ids, self.max_model_len)
         parent = _Parent(request_id, text, ids, [], RequestMetrics(time.monotonic()),
                          cumulative=params.output_kind is RequestOutputKind.CUMULATIVE)
         # Every completion is built before any is scheduled: a request is accepted whole or not at all.
@@ -370,50 +341,3 @@ def _needs_output_history(sched: SchedulerOutput) -> bool:
     """A step whose sampling reads a request's earlier output tokens on the host (penalties) must see the
     token of the step still in flight."""
     return any(item.samples and item.request.sampling_params.has_penalties for item in sched.scheduled)
-
-
-def _check_encoder_attention(config: EngineConfig, model_class: type, loaded: LoadedModel | None) -> None:
-    backend = config.mm_encoder_attn_backend
-    if backend is None:
-        return
-    if not getattr(model_class, "supports_images", False):
-        raise ValueError(f"mm_encoder_attn_backend={backend!r}: {model_class.__name__} has no vision encoder")
-    if loaded is not None and loaded.model.encoder_attention != backend:
-        raise ValueError(f"mm_encoder_attn_backend={backend!r}, but the model in memory was built with "
-                         f"{loaded.model.encoder_attention!r}: pass model_options to load_model instead")
-
-
-def _sampling_defaults(config: EngineConfig, checkpoint: Checkpoint | None) -> dict[str, Any]:
-    """The generation config's sampling defaults, checked once at start-up (not in every request)."""
-    defaults = read_generation_defaults(config.generation_config, checkpoint, is_embedded_default(checkpoint))
-    try:
-        SamplingParams(**defaults)
-    except ValueError as e:
-        raise ValueError(f"the generation config's sampling defaults are invalid: {e}") from None
-    return defaults
-
-
-def _input_processor(model_class: type, model_config: Any, checkpoint: Checkpoint | None,
-                     config: EngineConfig) -> Qwen2VLInputProcessor | None:
-    """Vision models: images -> patches and placeholder tokens, before a request is scheduled."""
-    if not getattr(model_class, "supports_images", False):
-        return None
-    return Qwen2VLInputProcessor(model_config, checkpoint.directory if checkpoint else None, config.max_image_patches)
-
-
-def _check_simulated_collectives(config: EngineConfig, model: Any) -> None:
-    """Layers read the parallel context when they are built: a model already in memory simulates the
-    collectives it was built to simulate, whatever the engine config says."""
-    built = {m.parallel.simulate_collective_us for m in model.modules()
-             if isinstance(getattr(m, "parallel", None), ParallelContext)}
-    if built and built != {float(config.simulate_collective_us)}:
-        raise ValueError(f"simulate_collective_us={config.simulate_collective_us}, but this model was built with "
-                         f"{sorted(built)}: build it inside use_parallel(ParallelContext(simulate_collective_us=...)) "
-                         "or pass a checkpoint path")
-
-
-def _check_enforce_eager(config: EngineConfig, built_with: CompilationConfig) -> None:
-    """A model already in memory keeps the compilation it was built with: enforce_eager cannot undo it."""
-    if config.enforce_eager and not built_with.is_eager:
-        raise ValueError(f"enforce_eager=True, but this model was built with compilation (mode={built_with.mode}, "
-                         f"graph_mode={built_with.graph_mode}): load it with the default CompilationConfig")

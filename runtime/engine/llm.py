@@ -10,14 +10,18 @@ from models.loader import LoadedModel
 from runtime.contracts.config import EngineConfig
 from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams
 from runtime.engine.core import EngineCore
+from runtime.engine.dp_client import DataParallelClient
 from runtime.engine.outputs import RequestOutput
 
 
 class LLM:
-    """Offline batch generation; ``LLM(model=None)`` loads the embedded SmolLM2."""
+    """Offline batch generation; ``LLM(model=None)`` loads the embedded SmolLM2. ``data_parallel_size=N``
+    spreads the prompts over N engine cores, each a process with its own device(s)."""
 
     def __init__(self, model: str | None = None, *, _loaded: LoadedModel | None = None, **engine_args: Any) -> None:
-        self.engine = EngineCore(EngineConfig.from_kwargs(model=model, **engine_args), _loaded)
+        config = EngineConfig.from_kwargs(model=model, **engine_args)
+        self.engine = (DataParallelClient(config) if config.data_parallel_size > 1 and _loaded is None
+                       else EngineCore(config, _loaded))
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 
@@ -62,6 +66,10 @@ class LLM:
                    for c in conversations]
         token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_ids, sampling_params, use_tqdm)
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes (tensor-parallel workers, data-parallel engine cores) now, not at exit."""
+        self.engine.shutdown()
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

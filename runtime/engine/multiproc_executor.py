@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing as mp
-import socket
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
@@ -22,6 +21,7 @@ from typing import Any
 from runtime.contracts.runner_output import StepResult
 from runtime.contracts.scheduler_output import SchedulerOutput
 from runtime.engine.executor import Executor, WorkerError
+from runtime.engine.processes import free_port, join_or_kill
 from runtime.platforms import current_platform
 from runtime.worker.step_sync import StepEncoder
 from runtime.worker.worker import WorkerSpec
@@ -35,12 +35,6 @@ _STOP_GRACE_S = 5.0
 _DEATH_GRACE_S = 0.5  # how long a peer's failure report waits for news of a dead rank
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(procs: list[mp.Process], conns: list[Connection]) -> None:
     """Ask politely, then terminate, then kill (a rank stuck in a collective ignores the pipe)."""
     for conn in conns:
@@ -48,16 +42,7 @@ def _stop(procs: list[mp.Process], conns: list[Connection]) -> None:
             conn.send(("shutdown", ()))
         except (OSError, ValueError):
             pass
-    deadline = time.monotonic() + _STOP_GRACE_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(1.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(1.0)
+    join_or_kill(procs, _STOP_GRACE_S)
     for conn in conns:
         conn.close()
 
@@ -67,7 +52,7 @@ class MultiprocExecutor(Executor):
         """``spec``: what every rank shares; each worker gets a copy with its own rank."""
         world = spec.config.tensor_parallel_size
         ctx = mp.get_context(current_platform.worker_start_method)
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         self.world_size = world
         self._conns: list[Connection] = []
         self._procs: list[mp.Process] = []

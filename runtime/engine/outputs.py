@@ -1,4 +1,4 @@
-"""What the engine hands back: one RequestOutput per request (with n completions)."""
+"""What the engine hands back: one RequestOutput per request (with n completions), and its load (EngineStats)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,3 +40,18 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    engine_index: int = 0  # the data-parallel engine core that ran it
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    kv_used_blocks: int
+    kv_total_blocks: int
+    prefix_cache_hit_rate: float
+    num_steps: int
+    graph_replays: int = 0  # static device graph replays (rank 0's, under tensor parallelism)
+    eager_steps: int = 0  # forwards run without a graph although graphs were enabled
+    alive: bool = True  # False: this engine core died (data parallelism with tolerated failures)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
@@ -108,6 +109,23 @@ class Platform:
 
     def set_device(self, index: int) -> None:
         return None
+
+    # The environment variable that says which devices a process sees (None: the host hands out none).
+    visible_devices_env: str | None = None
+
+    def data_parallel_placement(self, rank: int, size: int, tensor_parallel_size: int) -> tuple[dict[str, str], int]:
+        """Environment for data-parallel engine core ``rank`` of ``size`` (each ``tensor_parallel_size`` devices),
+        set before it touches a device, and how many cores share each device. With enough devices each core
+        sees its own; with fewer, every core sees them all and they share (each then sizes its KV cache for
+        its share of the memory)."""
+        if self.visible_devices_env is None:
+            return {}, 1
+        visible = os.environ.get(self.visible_devices_env)
+        devices = visible.split(",") if visible else [str(i) for i in range(self.device_count())]
+        if len(devices) < size * tensor_parallel_size:
+            return {}, -(-size * tensor_parallel_size // max(1, len(devices)))
+        first = rank * tensor_parallel_size
+        return {self.visible_devices_env: ",".join(devices[first: first + tensor_parallel_size])}, 1
 
     def new_stream(self) -> Any:
         """A new side stream, or None where the device has a single implicit stream."""

@@ -59,7 +59,9 @@ class CudaPlatform(Platform):
         return torch.cuda.memory_allocated()
 
     def memory_reserved(self) -> int:
-        return torch.cuda.memory_reserved()
+        # The allocator's raw counters: torch.cuda.memory_reserved() flattens every statistic into a dict first
+        # (0.3 ms, read twice per captured graph: ~0.2 s of an H100 start-up).
+        return torch._C._cuda_memoryStats(torch.cuda.current_device())["reserved_bytes"]["all"]["current"]
 
     def multiprocessor_count(self, device: torch.device) -> int | None:
         if device.type != "cuda":
@@ -73,6 +75,8 @@ class CudaPlatform(Platform):
 
     collective_kernel_marker = "nccl"  # ncclDevKernel_AllReduce_..., ncclKernel_AllGather_...
     supports_streams = True
+
+    visible_devices_env = "CUDA_VISIBLE_DEVICES"
 
     def device_count(self) -> int:
         return torch.cuda.device_count()

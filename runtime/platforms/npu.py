@@ -134,6 +134,8 @@ class NpuPlatform(Platform):
         return torchair.get_npu_backend(compiler_config=config)
 
     # ---- streams, events, devices (torch.npu mirrors torch.cuda's API; torch_npu 2.11) ----
+    visible_devices_env = "ASCEND_RT_VISIBLE_DEVICES"
+
     def device_count(self) -> int:
         return torch.npu.device_count()
 

@@ -64,12 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard the model over this many ranks, one worker process each (default: %(default)s)")
     p.add_argument("--enable-expert-parallel", action="store_true",
-                   help="MoE models under tensor parallelism: whole experts per rank instead of slices of every expert")
+                   help="MoE models under tensor or data parallelism: whole experts per rank instead of slices of "
+                        "every expert (over data-parallel ranks the tokens always travel all-to-all)")
     # The choices of runtime.distributed.parallel_state.EXPERT_PARALLEL_COMMS, spelled out: --help imports no torch.
     p.add_argument("--expert-parallel-comm", choices=("all_reduce", "all_to_all"), default="all_reduce",
                    help="how expert outputs meet under --enable-expert-parallel: all_reduce (every rank runs its "
                         "experts on every token, one all-reduce; captures in graphs) or all_to_all (each token "
                         "travels to its experts' ranks and back; not capturable) (default: %(default)s)")
+    dp = p.add_argument_group("data parallelism", "several engine cores, each a process with its own device(s) and KV "
+                              "cache, behind this server; requests go to the least loaded one, or to the one the "
+                              "X-data-parallel-rank header names")
+    dp.add_argument("--data-parallel-size", type=int, default=1,
+                    help="engine cores in all, on every host (default: %(default)s)")
+    dp.add_argument("--data-parallel-size-local", type=int, default=None,
+                    help="engine cores this host runs (default: all of them; 0 runs none here)")
+    dp.add_argument("--data-parallel-start-rank", type=int, default=0,
+                    help="the rank of this host's first engine core (default: %(default)s)")
+    dp.add_argument("--data-parallel-address", default="127.0.0.1",
+                    help="where the server listens for engine cores, which the other hosts connect to "
+                         "(default: %(default)s)")
+    dp.add_argument("--data-parallel-rpc-port", type=int, default=None,
+                    help="the port of --data-parallel-address (needed when cores run on other hosts; default: a "
+                         "free one)")
+    dp.add_argument("--headless", action="store_true",
+                    help="run this host's engine cores only, no HTTP server; they connect to the server at "
+                         "--data-parallel-address:--data-parallel-rpc-port")
+    dp.add_argument("--data-parallel-tolerate-failure", action="store_true",
+                    help="when an engine core dies, fail its requests and serve on with the others (/health "
+                         "still reports 503); default: shut the server down")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch each engine step while the previous one runs on the device, its "
                         "sampled tokens feeding the next step there (default: on for devices with streams, off on CPU; "
@@ -134,12 +156,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _build_engine(args: argparse.Namespace):
+def _engine_config(args: argparse.Namespace):
     from runtime.contracts.config import EngineConfig
-    from runtime.engine.async_engine import AsyncEngine
-    from runtime.engine.core import EngineCore
 
-    config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    return EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
                           compilation_config=args.compilation_config, enforce_eager=args.enforce_eager,
@@ -152,15 +172,72 @@ def _build_engine(args: argparse.Namespace):
                           enable_expert_parallel=args.enable_expert_parallel,
                           expert_parallel_comm=args.expert_parallel_comm,
                           generation_config=args.generation_config,
-                          mm_encoder_attn_backend=args.mm_encoder_attn_backend)
+                          mm_encoder_attn_backend=args.mm_encoder_attn_backend,
+                          data_parallel_size=args.data_parallel_size)
+
+
+def _placement(args: argparse.Namespace):
+    from runtime.engine.dp_client import DataParallelPlacement
+
+    local = args.data_parallel_size if args.data_parallel_size_local is None else args.data_parallel_size_local
+    if local < 0:
+        raise ValueError(f"--data-parallel-size-local must be >= 0, got {local}")
+    start = args.data_parallel_start_rank
+    return DataParallelPlacement(args.data_parallel_size, range(start, start + local), args.data_parallel_address,
+                                 args.data_parallel_rpc_port)
+
+
+def _build_engine(args: argparse.Namespace):
+    from runtime.engine.async_engine import AsyncEngine
+    from runtime.engine.core import EngineCore
+    from runtime.engine.dp_client import DataParallelClient
+
+    config = _engine_config(args)
     start = time.perf_counter()
     logger.info("building the engine: model=%s dtype=%s compilation=%s graphs=%s%s (load, compile, warm-up) ...",
                 args.model or DEFAULT_SERVED_NAME, args.dtype, config.compilation_config.mode,
                 config.compilation_config.graph_mode, " (enforce_eager)" if config.enforce_eager else "")
-    core = EngineCore(config)
-    logger.info("engine ready in %.1f s: max_model_len=%d, max_num_seqs=%d, KV cache %d blocks",
-                time.perf_counter() - start, core.max_model_len, config.max_num_seqs, core.kv_cache.num_blocks)
+    if config.data_parallel_size > 1:
+        placement = _placement(args)
+        if placement.local_ranks and placement.local_ranks.start != 0:
+            raise ValueError("the server's host runs data-parallel rank 0 (--data-parallel-start-rank 0); other "
+                             "hosts run theirs with --headless")
+        core = DataParallelClient(config, placement, tolerate_failure=args.data_parallel_tolerate_failure)
+        blocks = core.num_kv_blocks
+    else:
+        core = EngineCore(config)
+        blocks = core.kv_cache.num_blocks
+    logger.info("engine ready in %.1f s: max_model_len=%d, max_num_seqs=%d, KV cache %d blocks%s",
+                time.perf_counter() - start, core.max_model_len, config.max_num_seqs, blocks,
+                f" per engine core ({config.data_parallel_size} cores)" if config.data_parallel_size > 1 else "")
     return AsyncEngine(core)
+
+
+def _run_headless(args: argparse.Namespace) -> int:
+    """This host's engine cores only: they connect to the server's host and run until it stops them."""
+    from runtime.engine.dp_client import start_engine_cores
+
+    placement = _placement(args)
+    if placement.rpc_port is None:
+        raise ValueError("--headless needs --data-parallel-rpc-port (the server's) and --data-parallel-address")
+    if not placement.local_ranks:
+        raise ValueError("--headless with no engine cores to run: set --data-parallel-size-local")
+    procs = start_engine_cores(_engine_config(args), placement.local_ranks,
+                               f"tcp://{placement.address}:{placement.rpc_port}", headless=True)
+    logger.info("headless: engine cores %d..%d started, serving the front at %s:%d", placement.local_ranks.start,
+                placement.local_ranks.stop - 1, placement.address, placement.rpc_port)
+
+    def stop(signum, frame) -> None:
+        for proc in procs:
+            proc.terminate()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for proc in procs:
+        proc.join()
+    failed = [p.name for p in procs if p.exitcode not in (0, -signal.SIGTERM)]
+    if failed:
+        logger.error("engine cores ended with an error: %s", ", ".join(failed))
+    return 1 if failed else 0
 
 
 def _make_server(config, on_exit: Callable[[], None]):
@@ -224,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     from models.default import DefaultModelMissing
     from runtime.serve.settings import MiB, ServerSettings
 
+    if args.headless:
+        try:
+            return _run_headless(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         sock = _bind(args.host, args.port)
     except OSError as e:
@@ -233,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = ServerSettings(served_model_names=args.served_model_name or [args.model or DEFAULT_SERVED_NAME],
                                   api_key=api_key, max_n=args.max_n, max_body_bytes=int(args.max_body_mb * MiB),
                                   created=int(time.time()),
-                                  profiler_dir=os.path.abspath(args.profiler_dir) if args.profiler_dir else None)
+                                  profiler_dir=os.path.abspath(args.profiler_dir) if args.profiler_dir else None,
+                                  data_parallel_size=args.data_parallel_size)
         with _interrupt_on_sigterm():
             engine = _build_engine(args)
     except KeyboardInterrupt:

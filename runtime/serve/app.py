@@ -93,10 +93,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
                            max_model_len=pre.max_model_len) for name in settings.served_model_names]
         return JSONResponse(ModelList(data=cards).model_dump())
 
-    @app.get("/health", summary="200 while the engine loop runs, else 503")
+    @app.get("/health", summary="200 while the engine loop and every engine core run, else 503")
     async def health() -> JSONResponse:
-        if not engine.is_alive:
-            return error_response(APIError(503, "the engine loop is not running"))
+        problem = engine.health_problem()
+        if problem is not None:
+            return error_response(APIError(503, problem))
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", summary="Prometheus metrics")

@@ -39,7 +39,7 @@ class ChatEndpoint(ServingBase):
                                                                   self.pre.default_max_tokens()),
                                           top)
         request_id, created = self.new_id("chatcmpl")
-        streams = self.start(request_id, [prompt], [params])
+        streams = self.start(request_id, [prompt], [params], self.pinned_rank(raw))
         if req.stream:
             return SSEResponse(self._events(req, request_id, created, streams[0], params.stop, top))
         (final,) = await self.collect(raw.receive, streams)

@@ -22,7 +22,7 @@ class CompletionsEndpoint(ServingBase):
             req, self.pre.max_tokens(len(p.token_ids), req.max_tokens, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS),
             req.logprobs) for p in prompts]
         request_id, created = self.new_id("cmpl")
-        streams = self.start(request_id, prompts, params)
+        streams = self.start(request_id, prompts, params, self.pinned_rank(raw))
         if req.stream:
             return SSEResponse(self._events(req, request_id, created, streams, params[0].stop))
         finals = await self.collect(raw.receive, streams)

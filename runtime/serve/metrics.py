@@ -30,35 +30,40 @@ class _EngineCollector:
         self.engine = engine
 
     def collect(self):
-        s = self.engine.stats()
+        per_engine = self.engine.stats()
+        loop_alive = self.engine.is_alive
         gauges = [
-            ("graphmode:num_requests_running", "Requests (sequences) in the running batch.", s.num_running),
-            ("graphmode:num_requests_waiting", "Requests (sequences) waiting to be scheduled.", s.num_waiting),
-            ("graphmode:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", s.kv_usage),
-            ("graphmode:kv_cache_used_blocks", "KV cache blocks in use.", s.kv_used_blocks),
-            ("graphmode:kv_cache_total_blocks", "KV cache blocks in total.", s.kv_total_blocks),
+            ("graphmode:num_requests_running", "Requests (sequences) in the running batch.", "num_running"),
+            ("graphmode:num_requests_waiting", "Requests (sequences) waiting to be scheduled.", "num_waiting"),
+            ("graphmode:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "kv_usage"),
+            ("graphmode:kv_cache_used_blocks", "KV cache blocks in use.", "kv_used_blocks"),
+            ("graphmode:kv_cache_total_blocks", "KV cache blocks in total.", "kv_total_blocks"),
             ("graphmode:prefix_cache_hit_rate", "Prefix cache hits per query block since start (0-1).",
-             s.prefix_cache_hit_rate),
-            ("graphmode:engine_alive", "1 while the engine loop runs.", int(self.engine.is_alive)),
+             "prefix_cache_hit_rate"),
+            ("graphmode:engine_alive", "1 while the engine loop and this engine core run.", "alive"),
         ]
-        for name, doc, value in gauges:
-            yield GaugeMetricFamily(name, doc, value=value)
         totals = [
-            ("graphmode:engine_steps", "Engine steps (model forwards) run.", s.num_steps),
+            ("graphmode:engine_steps", "Engine steps (model forwards) run.", "num_steps"),
             ("graphmode:graph_replays", "Static device graph replays (rank 0's under tensor parallelism).",
-             s.graph_replays),
-            ("graphmode:eager_steps", "Forwards run eagerly although graphs were enabled.", s.eager_steps),
+             "graph_replays"),
+            ("graphmode:eager_steps", "Forwards run eagerly although graphs were enabled.", "eager_steps"),
         ]
-        for name, doc, value in totals:
-            yield CounterMetricFamily(name, doc, value=value)
+        for family, rows in ((GaugeMetricFamily, gauges), (CounterMetricFamily, totals)):
+            for name, doc, field in rows:
+                metric = family(name, doc, labels=["engine"])
+                for index, stats in enumerate(per_engine):
+                    value = getattr(stats, field)
+                    metric.add_metric([str(index)], float(value and loop_alive) if field == "alive" else value)
+                yield metric
 
 
 class ServerMetrics:
     def __init__(self, engine: AsyncEngine) -> None:
         self.registry = r = CollectorRegistry()
+        # Per engine core (data parallelism): the engine label, as vLLM's.
         self.prompt_tokens = Counter("graphmode:prompt_tokens", "Prompt tokens of requests that started generating.",
-                                     registry=r)
-        self.generation_tokens = Counter("graphmode:generation_tokens", "Tokens generated.", registry=r)
+                                     ["engine"], registry=r)
+        self.generation_tokens = Counter("graphmode:generation_tokens", "Tokens generated.", ["engine"], registry=r)
         self.request_success = Counter("graphmode:request_success", "Requests finished, by finish reason.",
                                        ["finished_reason"], registry=r)
         self.request_abort = Counter("graphmode:request_abort",
@@ -85,13 +90,14 @@ class ServerMetrics:
                 async for out in stream:
                     last = out
                     count = sum(len(c.token_ids) for c in out.outputs)
+                    engine = str(out.engine_index)
                     if count > generated:
-                        self.generation_tokens.inc(count - generated)
+                        self.generation_tokens.labels(engine=engine).inc(count - generated)
                         generated = count
                     if not first_seen and out.metrics.ttft is not None:
                         first_seen = True
                         self.ttft.observe(out.metrics.ttft)
-                        self.prompt_tokens.inc(len(out.prompt_token_ids))
+                        self.prompt_tokens.labels(engine=engine).inc(len(out.prompt_token_ids))
                     yield out
             finally:
                 self._finish(last)

@@ -8,6 +8,8 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from starlette.requests import Request
+
 from runtime.engine.async_engine import AsyncEngine, EngineDeadError
 from runtime.engine.outputs import RequestOutput
 from runtime.contracts.sampling_params import SamplingParams
@@ -22,6 +24,7 @@ from runtime.serve.streaming import merge, sse, watch_disconnect
 logger = logging.getLogger(__name__)
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
+DATA_PARALLEL_RANK_HEADER = "X-data-parallel-rank"
 
 
 def engine_error(e: Exception) -> APIError:
@@ -54,12 +57,31 @@ class ServingBase:
     def new_id(prefix: str) -> tuple[str, int]:
         return f"{prefix}-{uuid.uuid4().hex}", int(time.time())
 
-    def start(self, request_id: str, prompts: list[Prompt],
-              params: list[SamplingParams]) -> list[AsyncIterator[RequestOutput]]:
-        """One tracked engine stream per prompt (nothing reaches the engine until they are iterated)."""
+    def start(self, request_id: str, prompts: list[Prompt], params: list[SamplingParams],
+              rank: int | None = None) -> list[AsyncIterator[RequestOutput]]:
+        """One tracked engine stream per prompt (nothing reaches the engine until they are iterated); ``rank``
+        pins them to that data-parallel engine core."""
+        extra: dict = {} if rank is None else {"data_parallel_rank": rank}
         return [self.metrics.track(self.engine.generate(request_id if len(prompts) == 1 else f"{request_id}-{i}",
-                                                        p.token_ids, sp, **({"images": p.images} if p.images else {})))
+                                                        p.token_ids, sp, **extra,
+                                                        **({"images": p.images} if p.images else {})))
                 for i, (p, sp) in enumerate(zip(prompts, params))]
+
+    def pinned_rank(self, request: Request) -> int | None:
+        """The engine core the ``X-data-parallel-rank`` header pins a request to (vLLM's), checked here: 400 for
+        anything but a rank in [0, data_parallel_size)."""
+        value = request.headers.get(DATA_PARALLEL_RANK_HEADER)
+        if value is None:
+            return None
+        size = self.settings.data_parallel_size
+        try:
+            rank = int(value)
+        except ValueError:
+            rank = -1
+        if not 0 <= rank < size:
+            raise bad_request(f"{DATA_PARALLEL_RANK_HEADER} must be an engine core's rank in [0, {size}), got "
+                              f"{value!r}", code="invalid_data_parallel_rank")
+        return rank
 
     async def collect(self, receive, streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
         """Final outputs, one per stream; a client disconnect cancels (aborts) them all."""

@@ -16,6 +16,7 @@ class ServerSettings:
     max_stop_strings: int = 16
     created: int = 0  # unix time the server started (reported by /v1/models)
     profiler_dir: str | None = None  # where /start_profile's traces go; None turns the profiler endpoints off
+    data_parallel_size: int = 1  # engine cores behind the server (the X-data-parallel-rank header's range)
 
     def __post_init__(self) -> None:
         if not self.served_model_names or not all(isinstance(n, str) and n for n in self.served_model_names):

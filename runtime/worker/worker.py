@@ -25,7 +25,7 @@ from models.loader import LoadedModel, load_model
 from runtime.contracts.config import EngineConfig
 from runtime.contracts.runner_output import StepResult
 from runtime.contracts.scheduler_output import SchedulerOutput
-from runtime.distributed.parallel_state import ParallelContext, init_distributed
+from runtime.distributed.parallel_state import ParallelContext, init_data_parallel, init_distributed
 from runtime.platforms import current_platform
 from runtime.profiling import KernelProfiler, StepProfile
 from runtime.tracing import TraceProfiler
@@ -59,6 +59,9 @@ class Worker:
         if spec.world_size > 1:
             parallel = init_distributed(spec.rank, spec.world_size, spec.init_method, config.enable_expert_parallel,
                                         expert_comm=config.expert_parallel_comm)
+        elif config.experts_over_data_parallel:
+            parallel = init_data_parallel(config.data_parallel_rank, config.data_parallel_size,
+                                          config.data_parallel_master)
         elif config.simulate_collective_us:
             parallel = ParallelContext(simulate_collective_us=config.simulate_collective_us)
         current_platform.manual_seed(config.seed)
@@ -136,6 +139,10 @@ class Worker:
     def execute(self, output: SchedulerOutput) -> StepResult:
         """One step, waited for."""
         return self.launch(output).result()
+
+    def dummy_step(self) -> None:
+        """A one-token forward writing no KV (a data-parallel rank with no work keeps its peers' collectives)."""
+        self.runner.dummy_run(1)
 
     def set_dbo(self, enabled: bool) -> None:
         self.runner.set_dbo(enabled)

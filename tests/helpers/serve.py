@@ -23,6 +23,7 @@ SHUTDOWN_TIMEOUT_S = 60.0
 POLL_INTERVAL_S = 0.2
 
 _PROCESSES: dict[str, subprocess.Popen] = {}  # base URL -> server process, for tests that signal it
+_LOGS: dict[str, str] = {}  # base URL -> its log file, for tests that read what the server logged
 
 
 def free_port() -> int:
@@ -64,8 +65,8 @@ def _stop(proc: subprocess.Popen, log_path: str) -> int:
 
 
 @contextlib.contextmanager
-def running_server(*extra_args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Yields the base URL of a healthy server; on exit sends SIGTERM and asserts exit code 0."""
+def running_server(*extra_args: str, env: dict[str, str] | None = None, exit_code: int = 0) -> Iterator[str]:
+    """Yields the base URL of a healthy server; on exit sends SIGTERM (if it still runs) and asserts ``exit_code``."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w", prefix="graphmode-serve-", suffix=".log", delete=False)
@@ -74,6 +75,7 @@ def running_server(*extra_args: str, env: dict[str, str] | None = None) -> Itera
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     _PROCESSES[base_url] = proc
+    _LOGS[base_url] = log.name
     try:
         _wait_healthy(proc, base_url, log.name)
         yield base_url
@@ -83,8 +85,9 @@ def running_server(*extra_args: str, env: dict[str, str] | None = None) -> Itera
     finally:
         log.close()
         _PROCESSES.pop(base_url, None)
+        _LOGS.pop(base_url, None)
     code = _stop(proc, log.name)
-    assert code == 0, f"server exited with {code} after SIGTERM:\n{_tail(log.name)}"
+    assert code == exit_code, f"server exited with {code}, not {exit_code}:\n{_tail(log.name)}"
     assert "Traceback" not in _tail(log.name, 10**7), f"server logged a traceback:\n{_tail(log.name)}"
     os.unlink(log.name)
 
@@ -94,6 +97,16 @@ def signal_server(base_url: str, sig: int = signal.SIGTERM) -> subprocess.Popen:
     proc = _PROCESSES[base_url]
     proc.send_signal(sig)
     return proc
+
+
+def wait_for_exit(base_url: str, timeout: float = SHUTDOWN_TIMEOUT_S) -> int:
+    """The exit code of a server started by ``running_server`` that stops on its own."""
+    return _PROCESSES[base_url].wait(timeout)
+
+
+def server_log(base_url: str) -> str:
+    """What a server started by ``running_server`` has logged so far."""
+    return _tail(_LOGS[base_url], 10**7)
 
 
 def scrape(base_url: str) -> dict[str, float]:

@@ -47,7 +47,7 @@ def test_leaving_a_stream_aborts_and_frees_blocks(engine):
                 break
         # The abort travels through the engine's inbox; poll its stats until it has landed.
         for _ in range(200):
-            if engine.stats().num_running == 0 and engine.stats().kv_used_blocks == 0:
+            if engine.stats()[0].num_running == 0 and engine.stats()[0].kv_used_blocks == 0:
                 return seen
             await asyncio.sleep(0.02)
         return -1

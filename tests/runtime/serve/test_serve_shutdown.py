@@ -7,7 +7,7 @@ import threading
 
 import httpx
 
-from tests.helpers.serve import running_server, scrape, signal_server
+from tests.helpers.serve import metric_sum, running_server, scrape, signal_server
 
 # One step prefills the whole prompt: seconds on the 2-core CI machine, longer than a poll.
 LONG = ("--max-model-len", "2048", "--max-num-batched-tokens", "2048")
@@ -30,7 +30,7 @@ def test_sigterm_during_a_long_prefill_ends_every_request_and_exits_0():
         threads = [threading.Thread(target=f) for f in (non_streaming, streaming)]
         for t in threads:
             t.start()
-        while scrape(base).get("graphmode:num_requests_running", 0) < 1:  # the long step has started
+        while metric_sum(scrape(base), "graphmode:num_requests_running") < 1:  # the long step has started
             assert all(t.is_alive() for t in threads), "a request ended before the step started"
         proc = signal_server(base)
         for t in threads:

@@ -103,8 +103,8 @@ def _wait_for_idle(base: str) -> dict[str, float]:
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while True:
         m = scrape(base)
-        idle = (m["graphmode:num_requests_running"], m["graphmode:num_requests_waiting"],
-                m["graphmode:kv_cache_used_blocks"]) == (0, 0, 0)
+        idle = (metric_sum(m, "graphmode:num_requests_running"), metric_sum(m, "graphmode:num_requests_waiting"),
+                metric_sum(m, "graphmode:kv_cache_used_blocks")) == (0, 0, 0)
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.5)
@@ -130,12 +130,12 @@ def test_soak(smollm2_path):
         "first_errors": tally.errors[:10],
         "completed_latency_p50_s": round(_percentile(ok, 0.5), 3),
         "completed_latency_p99_s": round(_percentile(ok, 0.99), 3),
-        "generated_tokens": after["graphmode:generation_tokens_total"],
+        "generated_tokens": metric_sum(after, "graphmode:generation_tokens_total"),
         "aborted": after["graphmode:request_abort_total"],
         "http_5xx": after.get("graphmode:http_responses_total{status=5xx}", 0),
-        "at_end": {"running": after["graphmode:num_requests_running"],
-                   "waiting": after["graphmode:num_requests_waiting"],
-                   "kv_used_blocks": after["graphmode:kv_cache_used_blocks"]},
+        "at_end": {"running": metric_sum(after, "graphmode:num_requests_running"),
+                   "waiting": metric_sum(after, "graphmode:num_requests_waiting"),
+                   "kv_used_blocks": metric_sum(after, "graphmode:kv_cache_used_blocks")},
         "successes": metric_sum(after, "graphmode:request_success_total"),
     }
     print("\nsoak:", json.dumps(summary, indent=1))
