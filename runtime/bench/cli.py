@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="tokens generated per request, EOS ignored (default: 64)")
             s.add_argument("--max-num-seqs", type=int, default=None,
                            help="requests batched together at most (default: 64; --workload nano: 512, nano-vllm's)")
+            s.add_argument("--data-parallel-size", type=int, default=1,
+                           help="engine cores (processes), the requests spread over them by load; cores that "
+                                "share a device need --kv-cache-memory-gb, each core's (default: %(default)s)")
     add_mm_encoder_parser(sub, [common])
     add_startup_parser(sub, [common])
     return p

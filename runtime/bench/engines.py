@@ -15,6 +15,7 @@ from models.default import default_model_path
 from models.loader import LoadedModel, load_model, resolve_dtype
 from models.testing import build_random_model, llama_1b_config, qwen3_0_6b_config, save_random_checkpoint
 from runtime.distributed.parallel_state import ParallelContext, use_parallel
+from runtime.engine.dp_client import DataParallelClient
 from runtime.engine.llm import LLM
 from runtime.platforms import current_platform
 
@@ -26,8 +27,8 @@ RANDOM_MODELS = {RANDOM_1B: llama_1b_config, "random-qwen3-0.6b": qwen3_0_6b_con
 
 
 def load_model_for(args: argparse.Namespace, compilation: CompilationConfig | None = None) -> LoadedModel | None:
-    """The model in this process; None under tensor parallelism (each rank's worker loads its shard)."""
-    if args.tensor_parallel_size > 1:
+    """The model in this process; None under tensor or data parallelism (each rank's process loads it)."""
+    if args.tensor_parallel_size > 1 or getattr(args, "data_parallel_size", 1) > 1:
         return None
     if args.simulate_collective_us:  # layers read the parallel context as they are built
         with use_parallel(ParallelContext(simulate_collective_us=args.simulate_collective_us)):
@@ -74,8 +75,11 @@ def checkpoint_path(args: argparse.Namespace) -> str:
     return directory
 
 
-def runner_stats(llm: LLM) -> dict[str, Any]:
-    """Graph pool, counters and DBO steps of the rank 0 runner."""
+def runner_stats(llm: LLM) -> dict[str, Any] | None:
+    """Graph pool, counters and DBO steps of the rank 0 runner (None under data parallelism: the runners are
+    in the engine cores' processes)."""
+    if isinstance(llm.engine, DataParallelClient):
+        return None
     info = llm.engine.executor.call_workers("runner_info", ["graphs.pool_bytes", "dbo_steps"])[0]
     return {"pool_bytes": info["graphs.pool_bytes"], "counters": argparse.Namespace(**info["counters"]),
             "dbo_steps": info["dbo_steps"]}
@@ -138,7 +142,8 @@ def set_dbo(llm: LLM, dbo: bool | None) -> int:
     """Apply a DBO state (None: leave as started); the DBO steps run so far, to count this run's."""
     if dbo is not None:
         llm.engine.set_dbo(dbo)
-    return runner_stats(llm)["dbo_steps"]
+    stats = runner_stats(llm)
+    return stats["dbo_steps"] if stats else 0
 
 
 DEFAULT_MAX_BATCHED_TOKENS = 4096
@@ -151,9 +156,10 @@ def make_engine(loaded, args: argparse.Namespace, max_num_seqs: int, max_len: in
                   max_num_batched_tokens=max(args.max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS, max_len),
                   enable_prefix_caching=False, mm_encoder_attn_backend=args.mm_encoder_attn_backend,
                   **kv_args(args), **(engine_args or {}))
-    if loaded is None:  # tensor parallelism: the workers load the checkpoint
+    if loaded is None:  # tensor or data parallelism: the workers load the checkpoint
         return LLM(checkpoint_path(args), dtype=args.dtype, compilation_config=compilation,
                    tensor_parallel_size=args.tensor_parallel_size,
+                   data_parallel_size=getattr(args, "data_parallel_size", 1),
                    enable_expert_parallel=args.enable_expert_parallel,
                    expert_parallel_comm=args.expert_parallel_comm, **common)
     return LLM.from_loaded(loaded, **common)

@@ -16,7 +16,7 @@ LATENCY_COLUMNS = ("config", "batch", "context", "mean_ms", "median_ms", "min_ms
                    "graph_pool_mib", "graphs", "replays", "kernels_per_step", "collective_ms", "idle_us", "pass_matches",
                    "dbo_steps", "tp")
 THROUGHPUT_COLUMNS = ("config", "workload", "requests", "prompt_tokens", "output_tokens", "seconds", "requests_per_s",
-                      "output_tokens_per_s", "total_tokens_per_s", "dbo_steps", "tp")
+                      "output_tokens_per_s", "total_tokens_per_s", "dbo_steps", "tp", "dp")
 MM_ENCODER_COLUMNS = ("backend", "mode", "image", "patches", "budget", "graphs", "ms", "ms_min", "traces")
 
 

@@ -61,6 +61,6 @@ def bench_throughput(args: argparse.Namespace, table: ResultTable) -> None:
                    "prompt_tokens": prompt_tokens, "output_tokens": generated, "seconds": elapsed,
                    "requests_per_s": len(outs) / elapsed, "output_tokens_per_s": generated / elapsed,
                    "total_tokens_per_s": (generated + prompt_tokens) / elapsed,
-                   "dbo_steps": runner_stats(llm)["dbo_steps"] - dbo_steps_before,
-                   "tp": args.tensor_parallel_size})
+                   "dbo_steps": (stats["dbo_steps"] if (stats := runner_stats(llm)) else 0) - dbo_steps_before,
+                   "tp": args.tensor_parallel_size, "dp": args.data_parallel_size})
     llm.engine.shutdown()

@@ -70,11 +70,12 @@ def start_engine_cores(config: EngineConfig, ranks: range, front_address: str,
     for rank in ranks:
         env, sharing = current_platform.data_parallel_placement(rank, config.data_parallel_size,
                                                                 config.tensor_parallel_size)
+        if sharing > 1 and config.kv_cache_memory_gb is None and config.num_kv_blocks is None:
+            # Profiled sizing counts every process's memory on the device as taken: cores profiling at once
+            # would each see the others' caches, or none of them.
+            raise ValueError(f"{config.data_parallel_size} engine cores share the devices ({sharing} per device): give "
+                             "each a fixed KV cache size (kv_cache_memory_gb / --kv-cache-memory-gb, per core)")
         core_config = dataclasses.replace(config, data_parallel_rank=rank)
-        if sharing > 1:  # the cores size their KV caches one after another on the same memory: split it
-            core_config.gpu_memory_utilization = config.gpu_memory_utilization / sharing
-            logger.info("data-parallel rank %d shares its device with %d others: gpu_memory_utilization %.3f",
-                        rank, sharing - 1, core_config.gpu_memory_utilization)
         spec = EngineCoreSpec(core_config, front_address, env, os.getpid(),
                               _HEADLESS_FRONT_TIMEOUT_S if headless else None, level)
         proc = ctx.Process(target=run_engine_core, args=(spec,), name=f"graphmode-dp{rank}", daemon=True)

@@ -116,8 +116,7 @@ class Platform:
     def data_parallel_placement(self, rank: int, size: int, tensor_parallel_size: int) -> tuple[dict[str, str], int]:
         """Environment for data-parallel engine core ``rank`` of ``size`` (each ``tensor_parallel_size`` devices),
         set before it touches a device, and how many cores share each device. With enough devices each core
-        sees its own; with fewer, every core sees them all and they share (each then sizes its KV cache for
-        its share of the memory)."""
+        sees its own; with fewer, every core sees them all and they share (each with a fixed KV cache size)."""
         if self.visible_devices_env is None:
             return {}, 1
         visible = os.environ.get(self.visible_devices_env)

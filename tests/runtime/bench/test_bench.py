@@ -60,6 +60,9 @@ INVOCATIONS = {
                       "--input-len", "8", "--output-len", "3", "--max-num-seqs", "4", "--kv-cache-memory-gb", "0.05",
                       "--tensor-parallel-size", "2", "--enable-expert-parallel", "--expert-parallel-comm",
                       "all_to_all", "--log-level", "ERROR", "--json", "{json}", "--profile", "{profile}"],
+    "throughput_dp": ["throughput", "--model", "{llama}", "--dtype", "float32", "--num-requests", "6",
+                      "--input-len", "8", "--output-len", "3", "--max-num-seqs", "4", "--kv-cache-memory-gb", "0.05",
+                      "--data-parallel-size", "2", "--log-level", "ERROR", "--json", "{json}", "--profile", "{profile}"],
     # Synchronous and async scheduling side by side on one engine.
     "latency_scheduling": ["latency", "--model", "{llama}", "--dtype", "float32", "--batch-sizes", "2",
                            "--async-scheduling", "--compare-scheduling", "--json", "{json}", *TINY_LATENCY],
@@ -176,6 +179,13 @@ def test_throughput_under_tensor_and_expert_parallelism(checkpoints, tmp_path, c
     # --profile under tensor parallelism: each rank writes its own trace.
     traces = sorted(p.name.split("-")[1] for p in (tmp_path / "traces" / "default").glob("*.trace.json"))
     assert traces == ["rank0", "rank1"]
+
+
+def test_throughput_over_data_parallel_engine_cores(checkpoints, tmp_path, capsys):
+    rows, printed = _run("throughput_dp", checkpoints, tmp_path, capsys)
+    _check_schema(rows, THROUGHPUT_COLUMNS, printed)
+    assert [(r["config"], r["requests"], r["output_tokens"], r["dp"]) for r in rows] == [("default", 6, 18, 2)]
+    assert len(list((tmp_path / "traces" / "default").glob("*.trace.json"))) == 2  # each core traces itself
 
 
 @pytest.mark.parametrize("name, columns", [("latency_vlm", LATENCY_COLUMNS), ("throughput_vlm", THROUGHPUT_COLUMNS)])
