@@ -62,7 +62,8 @@ INVOCATIONS = {
                       "all_to_all", "--log-level", "ERROR", "--json", "{json}", "--profile", "{profile}"],
     "throughput_dp": ["throughput", "--model", "{llama}", "--dtype", "float32", "--num-requests", "6",
                       "--input-len", "8", "--output-len", "3", "--max-num-seqs", "4", "--kv-cache-memory-gb", "0.05",
-                      "--data-parallel-size", "2", "--log-level", "ERROR", "--json", "{json}", "--profile", "{profile}"],
+                      "--data-parallel-size", "2", "--log-level", "ERROR", "--json", "{json}",
+                      "--profile", "{profile}"],
     # Synchronous and async scheduling side by side on one engine.
     "latency_scheduling": ["latency", "--model", "{llama}", "--dtype", "float32", "--batch-sizes", "2",
                            "--async-scheduling", "--compare-scheduling", "--json", "{json}", *TINY_LATENCY],
