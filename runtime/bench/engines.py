@@ -15,7 +15,7 @@ from models.default import default_model_path
 from models.loader import LoadedModel, load_model, resolve_dtype
 from models.testing import build_random_model, llama_1b_config, qwen3_0_6b_config, save_random_checkpoint
 from runtime.distributed.parallel_state import ParallelContext, use_parallel
-from runtime.engine.dp_client import DataParallelClient
+from runtime.engine.core import EngineCore
 from runtime.engine.llm import LLM
 from runtime.platforms import current_platform
 
@@ -78,7 +78,7 @@ def checkpoint_path(args: argparse.Namespace) -> str:
 def runner_stats(llm: LLM) -> dict[str, Any] | None:
     """Graph pool, counters and DBO steps of the rank 0 runner (None under data parallelism: the runners are
     in the engine cores' processes)."""
-    if isinstance(llm.engine, DataParallelClient):
+    if not isinstance(llm.engine, EngineCore):  # a data-parallel client
         return None
     info = llm.engine.executor.call_workers("runner_info", ["graphs.pool_bytes", "dbo_steps"])[0]
     return {"pool_bytes": info["graphs.pool_bytes"], "counters": argparse.Namespace(**info["counters"]),

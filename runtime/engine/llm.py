@@ -10,7 +10,6 @@ from models.loader import LoadedModel
 from runtime.contracts.config import EngineConfig
 from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams
 from runtime.engine.core import EngineCore
-from runtime.engine.dp_client import DataParallelClient
 from runtime.engine.outputs import RequestOutput
 
 
@@ -20,8 +19,12 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, _loaded: LoadedModel | None = None, **engine_args: Any) -> None:
         config = EngineConfig.from_kwargs(model=model, **engine_args)
-        self.engine = (DataParallelClient(config) if config.data_parallel_size > 1 and _loaded is None
-                       else EngineCore(config, _loaded))
+        if config.data_parallel_size > 1 and _loaded is None:
+            # Imported here: its messaging (pyzmq, msgspec) is needed by data parallelism alone.
+            from runtime.engine.dp_client import DataParallelClient
+            self.engine: EngineCore | Any = DataParallelClient(config)
+        else:
+            self.engine = EngineCore(config, _loaded)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 
