@@ -37,7 +37,7 @@ _START_TIMEOUT_S = 1800.0  # the front waits for every core before it says Start
 @dataclass
 class EngineCoreSpec:
     config: EngineConfig  # with this core's data_parallel_rank
-    front_address: str  # tcp://host:port of the front's ROUTER socket
+    front_addresses: list[str]  # tcp://host:port of each front's ROUTER socket (one per API server process)
     env: dict[str, str] = field(default_factory=dict)  # set before the device is touched (the visible devices)
     parent_pid: int | None = None  # leave when this process is gone (a front or launcher killed outright)
     front_timeout_s: float | None = None  # leave after this long without a word from the front (another node)
@@ -78,16 +78,22 @@ class EngineCoreProcess:
         self.spec = spec
         self.rank = spec.config.data_parallel_rank
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.IDENTITY, str(self.rank).encode())
-        self._socket.setsockopt(zmq.LINGER, 2000)
-        self._socket.connect(spec.front_address)
+        self._sockets = []
+        self._poller = zmq.Poller()
+        for address in spec.front_addresses:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, str(self.rank).encode())
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.connect(address)
+            self._poller.register(sock, zmq.POLLIN)
+            self._sockets.append(sock)
+        self._origin: dict[str, int] = {}  # request id -> the front that sent it, which gets its outputs
         self.core: EngineCore | None = None
         self._stopping = False
         self._last_sent = 0.0
         self._last_heard = time.monotonic()
         self._sent_stats: EngineStats | None = None
-        self._failed: list[tuple[str, str]] = []
+        self._failed: list[tuple[int, str, str]] = []  # (front, request id, why) refused after the front took it
 
     def run(self) -> None:
         try:
@@ -105,19 +111,29 @@ class EngineCoreProcess:
         finally:
             if self.core is not None:
                 self.core.shutdown()
-            self._socket.close()
+            for sock in self._sockets:
+                sock.close()
             self._context.term()
 
     def _wait_for_start(self) -> Start | None:
+        """The first front's Start (the others only listen), or None for a Shutdown first."""
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline and not self._front_gone(heard_lately=False):
-            if self._socket.poll(100):
-                message = decode_to_core(self._socket.recv())
+            for message, _ in self._receive(100):
                 if isinstance(message, Start):
                     return message
                 if isinstance(message, Shutdown):
                     return None
         raise TimeoutError("the front never said Start (did every engine core start?)")
+
+    def _receive(self, wait_ms: int) -> list[tuple[object, int]]:
+        """Every message waiting on any front's socket, with the front's index."""
+        ready = dict(self._poller.poll(wait_ms))
+        messages = []
+        for front, sock in enumerate(self._sockets):
+            while sock in ready and sock.poll(0):
+                messages.append((decode_to_core(sock.recv()), front))
+        return messages
 
     def _loop(self, lockstep: _Lockstep | None) -> None:
         core = self.core
@@ -138,43 +154,59 @@ class EngineCoreProcess:
             self._publish(outputs)
 
     def _take_messages(self, wait_ms: int) -> None:
-        if not self._socket.poll(wait_ms):
-            return
-        while self._socket.poll(0):
-            self._handle(decode_to_core(self._socket.recv()))
-        self._last_heard = time.monotonic()
+        messages = self._receive(wait_ms)
+        for message, front in messages:
+            self._handle(message, front)
+        if messages:
+            self._last_heard = time.monotonic()
 
-    def _handle(self, message) -> None:
+    def _handle(self, message, front: int) -> None:
         core = self.core
         if isinstance(message, AddRequest):
             try:
                 core.add_request(message.request_id, message.prompt_token_ids, message.params,
                                  images=unpack_images(message.images))
+                self._origin[message.request_id] = front
             except ValueError as e:
-                self._failed.append((message.request_id, str(e)))
+                self._failed.append((front, message.request_id, str(e)))
         elif isinstance(message, AbortRequests):
             for request_id in message.request_ids:
                 core.abort_request(request_id)
+                self._origin.pop(request_id, None)
         elif isinstance(message, CallCore):
             try:
-                self._send(CallDone(self.rank, message.call_id, getattr(core, message.method)(*message.args)))
+                done = CallDone(self.rank, message.call_id, getattr(core, message.method)(*message.args))
             except Exception as e:  # noqa: BLE001 - the caller gets it; the core goes on
-                self._send(CallDone(self.rank, message.call_id, None, str(e), type(e).__name__))
+                done = CallDone(self.rank, message.call_id, None, str(e), type(e).__name__)
+            self._send(done, front)
         elif isinstance(message, Shutdown):
             self._stopping = True
         elif not isinstance(message, Ping):
             logger.warning("engine core %d: unexpected message %s", self.rank, type(message).__name__)
 
     def _publish(self, outputs: list) -> None:
-        """What changed, with the load; when nothing did, the load alone once per heartbeat."""
+        """What changed, to the front that sent each request, with the load to every front; when nothing
+        changed, the load alone once per heartbeat."""
         stats = self.core.stats()[0]
         due = time.monotonic() - self._last_sent >= _HEARTBEAT_S
-        if outputs or self._failed or stats != self._sent_stats or due:
-            self._send(Outputs(self.rank, outputs, stats, self._failed))
-            self._failed, self._sent_stats = [], stats
+        if not (outputs or self._failed or stats != self._sent_stats or due):
+            return
+        by_front: list[list] = [[] for _ in self._sockets]
+        for out in outputs:
+            front = self._origin.pop(out.request_id, 0) if out.finished else self._origin.get(out.request_id, 0)
+            by_front[front].append(out)
+        failed: list[list] = [[] for _ in self._sockets]
+        for front, request_id, reason in self._failed:
+            failed[front].append((request_id, reason))
+        for front in range(len(self._sockets)):
+            self._send(Outputs(self.rank, by_front[front], stats, failed[front]), front)
+        self._failed, self._sent_stats = [], stats
 
-    def _send(self, message) -> None:
-        self._socket.send(encode(message))
+    def _send(self, message, front: int | None = None) -> None:
+        """To one front, or (None) to every front."""
+        data = encode(message)
+        for sock in self._sockets if front is None else [self._sockets[front]]:
+            sock.send(data)
         self._last_sent = time.monotonic()
 
     def _front_gone(self, heard_lately: bool = True) -> bool:

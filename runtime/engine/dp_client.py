@@ -47,11 +47,13 @@ _WAITING_WEIGHT = 4  # vLLM's internal load balancing: a waiting request weighs 
 
 @dataclasses.dataclass
 class DataParallelPlacement:
-    """Which ranks this host runs, and where the front listens (``--data-parallel-*`` flags)."""
+    """Which ranks this host runs, and where the fronts listen (``--data-parallel-*``, ``--api-server-count``):
+    front ``i`` (API server process ``i``) at ``rpc_port + i``."""
     size: int
     local_ranks: range
     address: str = "127.0.0.1"
-    rpc_port: int | None = None  # None: a free port (every core on this host)
+    rpc_port: int | None = None  # None: free ports (every core on this host)
+    num_fronts: int = 1
 
     def __post_init__(self) -> None:
         if self.rpc_port is None and len(self.local_ranks) < self.size:
@@ -59,9 +61,16 @@ class DataParallelPlacement:
         if self.local_ranks and (self.local_ranks.start < 0 or self.local_ranks.stop > self.size):
             raise ValueError(f"local ranks {self.local_ranks.start}..{self.local_ranks.stop - 1} are outside "
                              f"data_parallel_size={self.size}")
+        if self.num_fronts < 1:
+            raise ValueError(f"the API server count must be >= 1, got {self.num_fronts}")
+        self.front_ports = ([self.rpc_port + i for i in range(self.num_fronts)] if self.rpc_port is not None
+                             else [free_port(self.address) for _ in range(self.num_fronts)])
+
+    def front_addresses(self) -> list[str]:
+        return [f"tcp://{self.address}:{port}" for port in self.front_ports]
 
 
-def start_engine_cores(config: EngineConfig, ranks: range, front_address: str,
+def start_engine_cores(config: EngineConfig, ranks: range, front_addresses: list[str],
                        headless: bool = False) -> list[mp.Process]:
     """One process per data-parallel rank in ``ranks``, each on the devices the platform gives it."""
     ctx = mp.get_context(current_platform.worker_start_method)
@@ -76,7 +85,7 @@ def start_engine_cores(config: EngineConfig, ranks: range, front_address: str,
             raise ValueError(f"{config.data_parallel_size} engine cores share the devices ({sharing} per device): give "
                              "each a fixed KV cache size (kv_cache_memory_gb / --kv-cache-memory-gb, per core)")
         core_config = dataclasses.replace(config, data_parallel_rank=rank)
-        spec = EngineCoreSpec(core_config, front_address, env, os.getpid(),
+        spec = EngineCoreSpec(core_config, front_addresses, env, os.getpid(),
                               _HEADLESS_FRONT_TIMEOUT_S if headless else None, level)
         proc = ctx.Process(target=run_engine_core, args=(spec,), name=f"graphmode-dp{rank}", daemon=True)
         proc.start()
@@ -86,8 +95,11 @@ def start_engine_cores(config: EngineConfig, ranks: range, front_address: str,
 
 class DataParallelClient:
     def __init__(self, config: EngineConfig, placement: DataParallelPlacement | None = None,
-                 tolerate_failure: bool = False) -> None:
+                 tolerate_failure: bool = False, front_index: int = 0) -> None:
+        """``front_index`` > 0: another API server process's front; the first front starts this host's cores,
+        says Start and stops them, the others only talk to them."""
         self.config = config
+        self.front_index = front_index
         self.size = config.data_parallel_size
         self.placement = placement = placement or DataParallelPlacement(self.size, range(self.size))
         self.tolerate_failure = tolerate_failure
@@ -98,16 +110,15 @@ class DataParallelClient:
         self.input_processor = served.input_processor
         # The cores start before the socket exists: a forked child must not inherit a live ZMQ context. Their
         # DEALER sockets connect once the front binds.
-        address = f"tcp://{placement.address}"
-        port = placement.rpc_port or free_port(placement.address)
-        self._procs = dict(zip(placement.local_ranks, start_engine_cores(config, placement.local_ranks,
-                                                                          f"{address}:{port}")))
+        port = placement.front_ports[front_index]
+        ranks = placement.local_ranks if front_index == 0 else range(0)
+        self._procs = dict(zip(ranks, start_engine_cores(config, ranks, placement.front_addresses())))
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._finalizer = weakref.finalize(self, _close, list(self._procs.values()), self._socket, self._context)
         try:
-            self._socket.bind(f"{address}:{port}")
+            self._socket.bind(placement.front_addresses()[front_index])
         except zmq.ZMQError as e:
             self._finalizer()
             raise ValueError(f"cannot listen for engine cores on {placement.address}:{port}: {e}") from None
@@ -132,14 +143,15 @@ class DataParallelClient:
     # ---- start-up ------------------------------------------------------------------------------
     def _start_up(self, port: int) -> None:
         start = time.monotonic()
-        logger.info("data parallelism: %d engine cores (%d on this host), front at %s:%d", self.size,
-                    len(self.placement.local_ranks), self.placement.address, port)
+        logger.info("data parallelism: %d engine cores (%d started here), front %d at %s:%d", self.size,
+                    len(self._procs), self.front_index, self.placement.address, port)
         hello = self._wait_for(Hello, "to connect", start)
-        master = None
-        if self.config.experts_over_data_parallel:  # rank 0 (on this host) hosts the rendezvous
-            master = f"tcp://{self.placement.address}:{free_port(self.placement.address)}"
-        for rank in hello:
-            self._send(rank, Start(master))
+        if self.front_index == 0:  # the other fronts wait for the cores this one starts
+            master = None
+            if self.config.experts_over_data_parallel:  # rank 0 (on this host) hosts the rendezvous
+                master = f"tcp://{self.placement.address}:{free_port(self.placement.address)}"
+            for rank in hello:
+                self._send(rank, Start(master))
         ready = self._wait_for(Ready, "to build their engines", start)
         self.max_model_len = min(r.max_model_len for r in ready.values())
         self.num_kv_blocks = min(r.num_kv_blocks for r in ready.values())
@@ -315,10 +327,10 @@ class DataParallelClient:
         return [d.result for d in done]
 
     def shutdown(self) -> None:
-        """Ask every core to stop, wait for this host's, then close the socket."""
+        """The first front: ask every core to stop and wait for this host's. Then close the socket."""
         if not self._finalizer.alive:
             return
-        for rank in range(self.size):
+        for rank in range(self.size if self.front_index == 0 else 0):
             if rank not in self._dead:
                 self._send(rank, Shutdown())
         join_or_kill(list(self._procs.values()), _STOP_GRACE_S)

@@ -1,15 +1,18 @@
 """Prometheus metrics: engine state read at scrape time, request timings and token counts as they happen.
 
 Each app owns its registry (several servers can live in one process, as in tests). Names follow
-vLLM's ``vllm:*`` scheme under ``graphmode:*``.
+vLLM's ``vllm:*`` scheme under ``graphmode:*``. Several API server processes (``--api-server-count``) keep
+their counters in prometheus_client's multiprocess files, summed by whichever process is scraped.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,9 +80,15 @@ class ServerMetrics:
                               buckets=_TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("graphmode:e2e_request_latency_seconds", "Arrival to last token.",
                              buckets=_E2E_BUCKETS, registry=r)
-        r.register(_EngineCollector(engine))
+        self._engine_collector = _EngineCollector(engine)
+        r.register(self._engine_collector)
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several API server processes: their counters summed
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            registry.register(self._engine_collector)
+            return generate_latest(registry)
         return generate_latest(self.registry)
 
     async def track(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

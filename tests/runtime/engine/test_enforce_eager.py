@@ -45,7 +45,8 @@ def test_enforce_eager_cannot_undo_a_model_built_compiled(llama):
 
 def test_serve_flag_reaches_the_engine_config(monkeypatch):
     import runtime.engine.core as core
-    from runtime.serve.__main__ import _build_engine, build_parser
+    from runtime.serve.cli import build_parser
+    from runtime.serve.server import _build_engine
 
     seen = {}
 

@@ -100,3 +100,15 @@ def test_a_headless_node_runs_rank_1_and_a_dead_core_stops_the_server():
     finally:
         if headless.poll() is None:
             headless.kill()
+
+
+def test_two_api_server_processes_share_the_port_and_the_engine_cores():
+    with running_server("--data-parallel-size", "2", "--api-server-count", "2") as base:
+        answers = asyncio.run(_concurrent_chats(base, 16))
+        assert len(answers) == 16 and all(answers)
+        log = server_log(base)
+        assert "(API server 0 of 2)" in log and "(API server 1 of 2)" in log
+        metrics = scrape(base)  # either process answers with the counters of both
+        assert metric_sum(metrics, "graphmode:request_success_total") >= 16
+        assert metrics['graphmode:generation_tokens_total{engine=0}'] > 0
+        assert metrics['graphmode:generation_tokens_total{engine=1}'] > 0
