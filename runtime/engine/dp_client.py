@@ -15,6 +15,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import socket
 import time
 import weakref
 from typing import Any, Sequence
@@ -126,6 +127,7 @@ class DataParallelClient:
         self._prompts: dict[str, str | None] = {}
         self._failed: list[tuple[str, Exception]] = []
         self._dead: dict[int, str] = {}
+        self._same_host_pids: dict[int, int] = {}  # cores on this host that another front started
         self._stats = [EngineStats(0, 0, 0.0, 0, 0, 0.0, 0) for _ in range(self.size)]
         self._sent_since = [0] * self.size  # requests sent since the core's last published load
         self._pending: list[RequestOutput] = []  # outputs that came in while waiting for something else
@@ -167,6 +169,8 @@ class DataParallelClient:
             for message in self._receive(200):
                 if isinstance(message, Hello) and kind is Hello:
                     logger.info("engine core %d connected: pid %d on %s", message.rank, message.pid, message.host)
+                    if message.host == socket.gethostname():
+                        self._same_host_pids[message.rank] = message.pid
                 if isinstance(message, Died):
                     raise ValueError(f"engine core {message.rank} failed to start: {message.reason}")
                 if isinstance(message, kind):
@@ -274,6 +278,8 @@ class DataParallelClient:
             proc = self._procs.get(rank)
             if proc is not None and proc.exitcode is not None:
                 self._core_died(rank, f"its process exited with code {proc.exitcode}")
+            elif proc is None and rank in self._same_host_pids and not _process_exists(self._same_host_pids[rank]):
+                self._core_died(rank, "its process is gone")  # started by another API server's front
             elif proc is None and now - self._last_heard[rank] > _REMOTE_SILENCE_S:
                 self._core_died(rank, f"silent for {now - self._last_heard[rank]:.0f} s")
 
@@ -358,6 +364,17 @@ class DataParallelClient:
             for rank in range(self.size):
                 if rank not in self._dead:
                     self._send(rank, Ping())
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether ``pid`` runs (or has ended but its parent, another front, has not reaped it yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _close(procs: list[mp.Process], socket: Any, context: Any) -> None:
