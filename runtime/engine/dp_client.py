@@ -111,6 +111,9 @@ class DataParallelClient:
         self.input_processor = served.input_processor
         # The cores start before the socket exists: a forked child must not inherit a live ZMQ context. Their
         # DEALER sockets connect once the front binds.
+        if config.experts_over_data_parallel and front_index == 0 and 0 not in placement.local_ranks:
+            raise ValueError("expert parallelism over data-parallel ranks: the server's host runs rank 0, where the "
+                             "ranks meet (--data-parallel-size-local >= 1 there)")
         port = placement.front_ports[front_index]
         ranks = placement.local_ranks if front_index == 0 else range(0)
         self._procs = dict(zip(ranks, start_engine_cores(config, ranks, placement.front_addresses())))
