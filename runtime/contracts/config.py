@@ -7,6 +7,7 @@ from typing import Any
 
 from compiler.config import CompilationConfig
 from runtime.attention.encoder_attention import check_backend
+from runtime.contracts.kv_transfer import KVTransferConfig
 from runtime.distributed.parallel_state import ParallelConfig
 from runtime.platforms import current_platform
 
@@ -82,6 +83,9 @@ class EngineConfig:
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
     data_parallel_master: str | None = None
+    # Prefill/decode disaggregation: this instance's side of a KV transfer (KVTransferConfig, its dict or JSON:
+    # {"kv_role": "kv_producer" | "kv_consumer" | "kv_both", "kv_port": ..., "kv_ip": ...}); None: off.
+    kv_transfer_config: Any = None
     # One device only: hold the device this many microseconds at every place a tensor-parallel all-reduce
     # would run (graphmode::simulated_collective), so DBO's overlap can be measured on one device. 0: off.
     simulate_collective_us: float = 0.0
@@ -118,6 +122,10 @@ class EngineConfig:
         for name in ("dbo_decode_token_threshold", "dbo_prefill_token_threshold"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 2:
                 raise ValueError(f"{name} must be an integer >= 2, got {getattr(self, name)!r}")
+        if self.kv_transfer_config is not None:
+            self.kv_transfer_config = KVTransferConfig.parse(self.kv_transfer_config)
+            if self.data_parallel_size > 1:
+                raise ValueError("kv_transfer_config with data_parallel_size > 1 is not supported")
         if self.enable_dbo and self.enable_expert_parallel and self.data_parallel_size > 1:
             raise ValueError("DBO with expert parallelism over data-parallel ranks is not supported: a rank's dummy "
                              "step would enter fewer collectives than a peer's split one")

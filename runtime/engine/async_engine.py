@@ -57,12 +57,15 @@ class AsyncEngine:
 
     # ---- the HTTP side ---------------------------------------------------------------------
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       images: list | None = None,
-                       data_parallel_rank: int | None = None) -> AsyncIterator[RequestOutput]:
+                       images: list | None = None, data_parallel_rank: int | None = None,
+                       kv_transfer_params: dict | None = None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request until it finishes; leaving early aborts it. ``data_parallel_rank``
-        pins it to that engine core (data parallelism; checked by the caller against ``data_parallel_size``)."""
+        pins it to that engine core (data parallelism; checked by the caller against ``data_parallel_size``);
+        ``kv_transfer_params``: prefill/decode disaggregation (``EngineCore.add_request``)."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        placement = {} if data_parallel_rank is None else {"data_parallel_rank": data_parallel_rank}
+        placement: dict[str, Any] = {} if data_parallel_rank is None else {"data_parallel_rank": data_parallel_rank}
+        if kv_transfer_params is not None:
+            placement["kv_transfer_params"] = kv_transfer_params
         with self._lock:
             if self._closed or self._stop.is_set():
                 raise EngineDeadError(f"the engine loop has stopped{f': {self._dead}' if self._dead else ''}")

@@ -21,6 +21,7 @@ from runtime.contracts.scheduler_output import SchedulerOutput
 from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.engine.executor import Executor, InProcessExecutor
 from runtime.engine.kv_cache import KVCacheManager
+from runtime.engine.kv_transfer import KVTransfer, make_connector
 from runtime.engine.multiproc_executor import MultiprocExecutor
 from runtime.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from runtime.engine.scheduler import Scheduler, SchedulerConfig
@@ -52,6 +53,7 @@ class _Parent:
     metrics: RequestMetrics
     cumulative: bool = True  # a snapshot every step it changes (else only when it finishes)
     finished: bool = False
+    kv_transfer_params: dict | None = None  # where a decode instance fetches its prompt's KV (a producer's)
 
     def to_output(self) -> RequestOutput:
         """A snapshot: the engine keeps appending to its own copies after this returns."""
@@ -63,7 +65,7 @@ class _Parent:
         m = self.metrics
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
                              RequestMetrics(m.arrival_time, m.first_token_time, m.finished_time, m.num_cached_tokens,
-                                            m.num_preemptions))
+                                            m.num_preemptions), kv_transfer_params=self.kv_transfer_params)
 
 
 class EngineCore:
@@ -90,6 +92,10 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill), self.kv_cache)
+        self.kv_transfer = (KVTransfer(make_connector(config.kv_transfer_config), self.executor, self.kv_cache,
+                                       self.scheduler, config.tensor_parallel_size)
+                            if config.kv_transfer_config is not None else None)
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (the rest came cached or transferred)
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
         self._num_with_penalties = 0  # unfinished requests whose sampling reads their earlier tokens
@@ -166,15 +172,21 @@ class EngineCore:
         return self.executor.call_workers("startup_report")[0]
 
     def shutdown(self) -> None:
-        """Stop the workers (their processes, under tensor parallelism)."""
+        """Stop the workers (their processes, under tensor parallelism) and the KV connector."""
+        if self.kv_transfer is not None:
+            self.kv_transfer.close()
         self.executor.shutdown()
 
     # ---- what a front reads (the same calls as the data-parallel client's) ------------------
     def stats(self) -> list[EngineStats]:
         """This engine core's load: one entry (the data-parallel client gives one per core)."""
         kv, sched = self.kv_cache, self.scheduler
+        connector = self.kv_transfer.connector if self.kv_transfer is not None else None
         return [EngineStats(sched.num_running, sched.num_waiting, kv.usage, kv.num_used_blocks, kv.num_blocks,
-                            kv.hit_rate, self.num_steps, self.graph_replays, self.eager_steps)]
+                            kv.hit_rate, self.num_steps, self.graph_replays, self.eager_steps,
+                            prompt_tokens_computed=self.prompt_tokens_computed,
+                            kv_sent_tokens=connector.sent_tokens if connector else 0,
+                            kv_received_tokens=connector.received_tokens if connector else 0)]
 
     def health_problem(self) -> str | None:
         """None: a failure of this core's workers surfaces as an error of its next step."""
@@ -194,8 +206,10 @@ class EngineCore:
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    images: Sequence[Any] | None = None) -> None:
-        """``images``: one per image placeholder token of the prompt (arrays, tensors, paths, data: URLs)."""
+                    images: Sequence[Any] | None = None, kv_transfer_params: dict[str, Any] | None = None) -> None:
+        """``images``: one per image placeholder token of the prompt (arrays, tensors, paths, data: URLs);
+        ``kv_transfer_params``: prefill for a decode instance (``{"do_remote_decode": true}``), or fetch the
+        prompt's KV from a prefill instance (its response's params) - runtime/engine/kv_connector.py."""
         if request_id in self._parents:
             raise ValueError(f"duplicate request id {request_id!r}")
         text = prompt if isinstance(prompt, str) else None
@@ -206,6 +220,10 @@ class EngineCore:
             ids, multimodal = self.input_processor.process(ids, images)
             self.input_processor.check(multimodal)
         self.served.check_prompt_length(ids, self.max_model_len)
+        if kv_transfer_params and self.kv_transfer is None:
+            raise ValueError("kv_transfer_params given, but this instance runs without a kv_transfer_config")
+        if kv_transfer_params and params.n != 1:
+            raise ValueError("kv_transfer_params needs n=1 (one sequence's KV moves between instances)")
         parent = _Parent(request_id, text, ids, [], RequestMetrics(time.monotonic()),
                          cumulative=params.output_kind is RequestOutputKind.CUMULATIVE)
         # Every completion is built before any is scheduled: a request is accepted whole or not at all.
@@ -220,22 +238,28 @@ class EngineCore:
                 _Sequence(req, detok, CompletionOutput(i, "", [], None, [] if params.logprobs is not None else None)))
         self._parents[request_id] = parent
         self._num_with_penalties += params.has_penalties
+        transferring = self.kv_transfer is not None and self.kv_transfer.add(parent.sequences[0].request,
+                                                                              kv_transfer_params)
         for seq in parent.sequences:
             self._sequences[seq.request.request_id] = (parent, seq)
-            self.scheduler.add_request(seq.request)
+            if not transferring:  # else it joins the scheduler once its KV has arrived
+                self.scheduler.add_request(seq.request)
 
     def abort_request(self, request_id: str) -> bool:
         parent = self._parents.get(request_id)
         if parent is None:
             return False
         for seq in parent.sequences:
-            if self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED):
+            sub_id = seq.request.request_id
+            if self.scheduler.finish_request(sub_id, RequestStatus.FINISHED_ABORTED) or \
+                    (self.kv_transfer is not None and self.kv_transfer.abort(sub_id)):
                 self._finish_sequence(parent, seq, RequestStatus.FINISHED_ABORTED)
         self._retire_if_done(parent)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
+                or (self.kv_transfer is not None and self.kv_transfer.has_waiting))
 
     # ---- stepping --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -246,7 +270,13 @@ class EngineCore:
         then take in the previous step's results while this one runs on the device (its inputs read the
         previous step's tokens there); this step's results are taken in by the next call.
         """
+        if self.kv_transfer is not None:
+            self.kv_transfer.admit_loaded()  # requests whose prompt KV arrived from a prefill instance
         sched = self.scheduler.schedule()
+        for item in sched.scheduled:
+            prompt_left = item.request.num_prompt_tokens - item.start_pos
+            if prompt_left > 0:
+                self.prompt_tokens_computed += min(prompt_left, item.num_new_tokens)
         touched: dict[str, _Parent] = {}
         self._collect_scheduler_aborts(sched.finished_ids, touched)
         launched = None
@@ -288,6 +318,11 @@ class EngineCore:
                 touched[parent.request_id] = parent
             elif parent.cumulative:
                 touched[parent.request_id] = parent
+        if self.kv_transfer is not None:
+            for sub_id, params in self.kv_transfer.save_finished().items():  # prefill for a decode instance
+                parent = sequences[sub_id][0] if sub_id in sequences else self._parents.get(sub_id)
+                if parent is not None:
+                    parent.kv_transfer_params = params
 
     def _append_token(self, parent: _Parent, seq: _Sequence, token: int, logprob, finished: bool) -> bool:
         """Hand ``token`` to the sequence's output; True when it finished the sequence."""

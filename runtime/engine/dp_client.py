@@ -185,9 +185,12 @@ class DataParallelClient:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    images: Sequence[Any] | None = None, data_parallel_rank: int | None = None) -> None:
+                    images: Sequence[Any] | None = None, data_parallel_rank: int | None = None,
+                    kv_transfer_params: dict | None = None) -> None:
         """Checked here as ``EngineCore.add_request`` checks it (images: by the core, which fails the request
         through ``take_failed_requests``), then sent to the chosen core."""
+        if kv_transfer_params:
+            raise ValueError("kv_transfer_params is not supported with data parallelism")
         if request_id in self._owner:
             raise ValueError(f"duplicate request id {request_id!r}")
         ids = self.served.prompt_ids(prompt)

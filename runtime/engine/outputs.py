@@ -41,6 +41,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     engine_index: int = 0  # the data-parallel engine core that ran it
+    # A prefill instance's answer: where a decode instance fetches this prompt's KV (runtime/engine/kv_connector.py).
+    kv_transfer_params: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,6 @@ class EngineStats:
     graph_replays: int = 0  # static device graph replays (rank 0's, under tensor parallelism)
     eager_steps: int = 0  # forwards run without a graph although graphs were enabled
     alive: bool = True  # False: this engine core died (data parallelism with tolerated failures)
+    prompt_tokens_computed: int = 0  # prompt tokens run through the model (not from the prefix cache or a producer)
+    kv_sent_tokens: int = 0  # prompt tokens whose KV went to a decode instance
+    kv_received_tokens: int = 0  # prompt tokens whose KV came from a prefill instance

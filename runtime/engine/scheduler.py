@@ -13,6 +13,7 @@ import bisect
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from runtime.engine.kv_cache import KVCacheManager
 from runtime.contracts.request import Request, RequestStatus
@@ -45,6 +46,8 @@ class Scheduler:
         # their KV blocks went back at once; they finish when that token arrives.
         self._ending: set[str] = set()
         self._finished_ids: list[str] = []
+        # Told of every request finishing, before its blocks are freed (runtime/engine/kv_transfer.py).
+        self.finish_listener: Callable[[Request], None] | None = None
 
     # ----------------------------------------------------------------- requests
 
@@ -205,14 +208,17 @@ class Scheduler:
                 logger.warning("aborting request %s: %s", request.request_id, reason)
                 self._finish(request, RequestStatus.FINISHED_ABORTED)
                 continue
-            computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+            if request.block_ids:  # its prompt's KV came from a prefill instance (a KV connector) into these blocks
+                computed_blocks, num_cached = None, request.num_computed_tokens
+            else:
+                computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
             remaining = request.num_tokens - num_cached
             num_new = self._chunk(remaining, budget)
             if num_new < remaining and not self.config.enable_chunked_prefill:
                 return  # FIFO: nothing behind it may overtake
             request.num_computed_tokens = num_cached
             if not self.kv_cache.allocate(request, num_new, computed_blocks):
-                request.num_computed_tokens = 0
+                request.num_computed_tokens = num_cached if computed_blocks is None else 0
                 return
             self._waiting.popleft()
             self._admit(request, num_cached)
@@ -299,6 +305,8 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         """Free a request already taken out of the waiting/running queues."""
+        if self.finish_listener is not None:
+            self.finish_listener(request)  # a KV connector copies the prompt's KV out before the blocks go
         self.kv_cache.free(request)
         request.status = status
         del self._requests[request.request_id]

@@ -39,7 +39,7 @@ class ChatEndpoint(ServingBase):
                                                                   self.pre.default_max_tokens()),
                                           top)
         request_id, created = self.new_id("chatcmpl")
-        streams = self.start(request_id, [prompt], [params], self.pinned_rank(raw))
+        streams = self.start(request_id, [prompt], [params], self.pinned_rank(raw), req.kv_transfer_params)
         if req.stream:
             return SSEResponse(self._events(req, request_id, created, streams[0], params.stop, top))
         (final,) = await self.collect(raw.receive, streams)
@@ -49,7 +49,8 @@ class ChatEndpoint(ServingBase):
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for c in final.outputs]
         body = ChatCompletionResponse(id=request_id, created=created, model=self.settings.model_name,
-                                      choices=choices, usage=self.usage([final]))
+                                      choices=choices, usage=self.usage([final]),
+                                      kv_transfer_params=final.kv_transfer_params)
         return JSONResponse(body.model_dump())
 
     def _chunk(self, request_id: str, created: int, choice: ChatStreamChoice | None, usage=None) -> bytes:

@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--data-parallel-tolerate-failure", action="store_true",
                     help="when an engine core dies, fail its requests and serve on with the others (/health "
                          "still reports 503); default: shut the server down")
+    p.add_argument("--kv-transfer-config", default=None, metavar="JSON",
+                   help="prefill/decode disaggregation: this instance's side, e.g. '{\"kv_role\": \"kv_producer\", "
+                        "\"kv_port\": 14579}' (a prefill instance serving prompt KV there) or '{\"kv_role\": "
+                        "\"kv_consumer\"}' (a decode instance fetching it); fields kv_role (kv_producer, kv_consumer, "
+                        "kv_both), kv_connector (zmq), kv_port, kv_ip, transfer_timeout_s. Put "
+                        "python -m runtime.serve.disagg_proxy in front of both (default: off)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and launch each engine step while the previous one runs on the device, its "
                         "sampled tokens feeding the next step there (default: on for devices with streams, off on CPU; "

@@ -22,7 +22,7 @@ class CompletionsEndpoint(ServingBase):
             req, self.pre.max_tokens(len(p.token_ids), req.max_tokens, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS),
             req.logprobs) for p in prompts]
         request_id, created = self.new_id("cmpl")
-        streams = self.start(request_id, prompts, params, self.pinned_rank(raw))
+        streams = self.start(request_id, prompts, params, self.pinned_rank(raw), req.kv_transfer_params)
         if req.stream:
             return SSEResponse(self._events(req, request_id, created, streams, params[0].stop))
         finals = await self.collect(raw.receive, streams)
@@ -34,7 +34,7 @@ class CompletionsEndpoint(ServingBase):
                 choices.append(CompletionChoice(index=i * req.n + c.index, text=c.text, logprobs=logprobs,
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         body = CompletionResponse(id=request_id, created=created, model=self.settings.model_name, choices=choices,
-                                  usage=self.usage(finals))
+                                  usage=self.usage(finals), kv_transfer_params=finals[0].kv_transfer_params)
         return JSONResponse(body.model_dump())
 
     async def _events(self, req: CompletionRequest, request_id: str, created: int,

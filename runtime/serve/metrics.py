@@ -50,6 +50,8 @@ class _EngineCollector:
             ("graphmode:graph_replays", "Static device graph replays (rank 0's under tensor parallelism).",
              "graph_replays"),
             ("graphmode:eager_steps", "Forwards run eagerly although graphs were enabled.", "eager_steps"),
+            ("graphmode:prompt_tokens_computed", "Prompt tokens run through the model (not served from the prefix "
+             "cache or a prefill instance's KV).", "prompt_tokens_computed"),
         ]
         for family, rows in ((GaugeMetricFamily, gauges), (CounterMetricFamily, totals)):
             for name, doc, field in rows:
@@ -58,6 +60,13 @@ class _EngineCollector:
                     value = getattr(stats, field)
                     metric.add_metric([str(index)], float(value and loop_alive) if field == "alive" else value)
                 yield metric
+        transfer = CounterMetricFamily("graphmode:kv_transfer_tokens", "Prompt tokens whose KV went to a decode "
+                                       "instance (sent) or came from a prefill instance (received).",
+                                       labels=["engine", "direction"])
+        for index, stats in enumerate(per_engine):
+            transfer.add_metric([str(index), "sent"], stats.kv_sent_tokens)
+            transfer.add_metric([str(index), "received"], stats.kv_received_tokens)
+        yield transfer
 
 
 class ServerMetrics:

@@ -40,6 +40,9 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # accepted only when empty: not supported
+    # Prefill/decode disaggregation (vLLM's field): {"do_remote_decode": true} asks a prefill instance to keep the
+    # prompt's KV for a decode instance; a prefill response's params ask a decode instance to fetch it.
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -131,6 +134,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's: where its prompt KV waits
 
 
 class TopLogprob(BaseModel):
@@ -167,6 +171,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's: where its prompt KV waits
 
 
 class ChatStreamChoice(BaseModel):

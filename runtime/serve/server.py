@@ -73,7 +73,7 @@ def engine_config(args: argparse.Namespace):
                           expert_parallel_comm=args.expert_parallel_comm,
                           generation_config=args.generation_config,
                           mm_encoder_attn_backend=args.mm_encoder_attn_backend,
-                          data_parallel_size=args.data_parallel_size)
+                          data_parallel_size=args.data_parallel_size, kv_transfer_config=args.kv_transfer_config)
 
 
 def _build_engine(args: argparse.Namespace, front_index: int = 0, placement=None):

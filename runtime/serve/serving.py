@@ -58,10 +58,15 @@ class ServingBase:
         return f"{prefix}-{uuid.uuid4().hex}", int(time.time())
 
     def start(self, request_id: str, prompts: list[Prompt], params: list[SamplingParams],
-              rank: int | None = None) -> list[AsyncIterator[RequestOutput]]:
+              rank: int | None = None, kv_transfer_params: dict | None = None) -> list[AsyncIterator[RequestOutput]]:
         """One tracked engine stream per prompt (nothing reaches the engine until they are iterated); ``rank``
-        pins them to that data-parallel engine core."""
+        pins them to that data-parallel engine core; ``kv_transfer_params`` (one prompt only) moves its KV
+        between a prefill and a decode instance."""
         extra: dict = {} if rank is None else {"data_parallel_rank": rank}
+        if kv_transfer_params is not None:
+            if len(prompts) != 1:
+                raise bad_request("kv_transfer_params takes one prompt per request", param="kv_transfer_params")
+            extra["kv_transfer_params"] = kv_transfer_params
         return [self.metrics.track(self.engine.generate(request_id if len(prompts) == 1 else f"{request_id}-{i}",
                                                         p.token_ids, sp, **extra,
                                                         **({"images": p.images} if p.images else {})))

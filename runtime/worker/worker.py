@@ -22,6 +22,7 @@ from compiler import counters
 from compiler.decorators import compile_timings
 from models.default import default_model_path
 from models.loader import LoadedModel, load_model
+from runtime.attention.kv_tensors import gather_kv, scatter_kv
 from runtime.contracts.config import EngineConfig
 from runtime.contracts.runner_output import StepResult
 from runtime.contracts.scheduler_output import SchedulerOutput
@@ -139,6 +140,14 @@ class Worker:
     def execute(self, output: SchedulerOutput) -> StepResult:
         """One step, waited for."""
         return self.launch(output).result()
+
+    def read_kv(self, block_ids: list[int], num_tokens: int) -> dict[str, torch.Tensor]:
+        """This rank's KV of a request's first ``num_tokens`` tokens, on the host (a KV producer sends it)."""
+        return gather_kv(self.runner.kv_caches, block_ids, num_tokens)
+
+    def write_kv(self, block_ids: list[int], ranks: list[dict[str, torch.Tensor]]) -> None:
+        """Write this rank's part of a prompt's KV (``ranks[rank]``, from a producer) into ``block_ids``."""
+        scatter_kv(self.runner.kv_caches, block_ids, ranks[self.rank])
 
     def dummy_step(self) -> None:
         """A one-token forward writing no KV (a data-parallel rank with no work keeps its peers' collectives)."""
