@@ -383,8 +383,8 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _close(procs: list[mp.Process], socket: Any, context: Any) -> None:
+def _close(procs: list[mp.Process], router: Any, context: Any) -> None:
     join_or_kill(procs, 0.0)
-    socket.close()
+    router.close()
     context.term()
 
