@@ -58,6 +58,12 @@ def kernel_provider(op_name: str | None = None) -> str:
     return name
 
 
+def reference_asked_for(op_name: str) -> bool:
+    """GRAPHMODE_OP_KERNELS names "torch" (the reference) for ``op_name``, or for every op."""
+    everything, per_op = _overrides()
+    return (per_op.get(_short(op_name)) or everything) == "torch"
+
+
 def platform_kernel(op_name: str) -> Callable[..., Any] | None:
     """The platform's own kernel for ``op_name`` (it returns None to decline a call), unless
     GRAPHMODE_OP_KERNELS names a provider for this op."""

@@ -1,15 +1,22 @@
 """``graphmode::fused_moe``: the expert computation of a sparse MoE block as one opaque op.
 
 Opaque to Dynamo because routing has data-dependent shapes. The reference kernel groups the
-(token, expert) assignments by expert and runs every expert at once with two batched matmuls,
-so there is no Python loop over experts.
+(token, expert) assignments by expert and runs every expert at once with two batched matmuls padded to
+the largest group, so there is no Python loop over experts; sizing that padding reads the group sizes on
+the host. Where the platform has a grouped GEMM (``Platform.has_grouped_gemm``: CUDA Hopper and later,
+bf16), ``fused_moe_grouped`` runs instead: the (token, expert) pairs sorted by expert into one
+[T*k, H] block and ``torch._grouped_mm`` with the group ends read on the device. Every shape is fixed by
+T and k, so nothing syncs with the host and the MoE layers capture in device graphs.
+``GRAPHMODE_OP_KERNELS=fused_moe=torch`` keeps the reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from runtime.ops.kernels import reference_asked_for
 from runtime.ops.library import graph_op
+from runtime.platforms import current_platform
 
 FUSED_MOE_OP = "graphmode::fused_moe"
 
@@ -43,10 +50,46 @@ def fused_moe_reference(
     return hidden.new_zeros(num_tokens, hidden_size).index_add_(0, token_of, weighted)
 
 
+def fused_moe_grouped(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """``fused_moe_reference``'s result with static shapes only: every (token, expert) pair sorted by expert
+    (skipped pairs, id -1, last), two grouped GEMMs over the groups' end offsets, the weighted rows summed
+    back per token."""
+    num_tokens, hidden_size = hidden.shape
+    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1).long()
+    owned = flat_ids >= 0
+    key = torch.where(owned, flat_ids, num_experts)  # a pair this rank does not own sorts after every group
+    order = key.argsort(stable=True)
+    # Group sizes by a scatter (bincount's length would depend on the values): no host sync.
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=hidden.device)
+    counts.index_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+    ends = counts[:num_experts].cumsum(0, dtype=torch.int32)
+    token_of = order // top_k
+    rows = hidden[token_of]
+    gate_up = torch._grouped_mm(rows, w13.transpose(1, 2), offs=ends)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expert_out = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=ends)
+    weights = topk_weights.reshape(-1)[order, None].to(hidden.dtype)
+    # Rows past the last group (skipped pairs) are left unwritten by the GEMM: select, never multiply, them away.
+    weighted = torch.where(owned[order, None], expert_out * weights, 0)
+    return hidden.new_zeros(num_tokens, hidden_size).index_add_(0, token_of, weighted)
+
+
+def grouped_gemm_fits(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """The grouped GEMM takes these operands: 16-byte aligned rows of every matrix it reads."""
+    itemsize = hidden.element_size()
+    return all((size * itemsize) % 16 == 0 for size in (hidden.shape[1], w13.shape[1], w2.shape[2]))
+
+
 @graph_op(FUSED_MOE_OP, mutates_args=())
 def fused_moe(
     hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
+    if (current_platform.has_grouped_gemm(hidden.dtype) and grouped_gemm_fits(hidden, w13, w2)
+            and not reference_asked_for(FUSED_MOE_OP)):
+        return fused_moe_grouped(hidden, w13, w2, topk_weights, topk_ids)
     return fused_moe_reference(hidden, w13, w2, topk_weights, topk_ids)
 
 

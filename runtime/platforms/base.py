@@ -79,6 +79,11 @@ class Platform:
         """
         return None
 
+    def has_grouped_gemm(self, dtype: torch.dtype) -> bool:
+        """Whether ``torch._grouped_mm`` runs natively here for ``dtype`` (one kernel for every expert's GEMM,
+        group sizes read on the device: the MoE experts without a host sync, so they capture in graphs)."""
+        return False
+
     def extra_attention_backends(self) -> dict[str, str]:
         """Attention backend name -> module path (with ``store_kv`` and ``paged_attention``)."""
         return {}

@@ -78,6 +78,10 @@ class CudaPlatform(Platform):
 
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
 
+    def has_grouped_gemm(self, dtype: torch.dtype) -> bool:
+        # torch's grouped GEMM runs CUTLASS kernels for bf16 on Hopper (sm90) and later.
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
+
     def device_count(self) -> int:
         return torch.cuda.device_count()
 
