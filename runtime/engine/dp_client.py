@@ -109,23 +109,14 @@ class DataParallelClient:
         self.model_config, self.tokenizer, self.model_class = served.model_config, served.tokenizer, served.model_class
         self.vocab_size, self.sampling_defaults = served.vocab_size, served.sampling_defaults
         self.input_processor = served.input_processor
-        # The cores start before the socket exists: a forked child must not inherit a live ZMQ context. Their
-        # DEALER sockets connect once the front binds.
         if config.experts_over_data_parallel and front_index == 0 and 0 not in placement.local_ranks:
             raise ValueError("expert parallelism over data-parallel ranks: the server's host runs rank 0, where the "
                              "ranks meet (--data-parallel-size-local >= 1 there)")
-        port = placement.front_ports[front_index]
+        # The cores start before the socket exists: a forked child must not inherit a live ZMQ context. Their
+        # DEALER sockets connect once the front binds.
         ranks = placement.local_ranks if front_index == 0 else range(0)
         self._procs = dict(zip(ranks, start_engine_cores(config, ranks, placement.front_addresses())))
-        self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._finalizer = weakref.finalize(self, _close, list(self._procs.values()), self._socket, self._context)
-        try:
-            self._socket.bind(placement.front_addresses()[front_index])
-        except zmq.ZMQError as e:
-            self._finalizer()
-            raise ValueError(f"cannot listen for engine cores on {placement.address}:{port}: {e}") from None
+        self._open_socket()
         self._owner: dict[str, int] = {}  # request id -> the rank running it
         self._prompts: dict[str, str | None] = {}
         self._failed: list[tuple[str, Exception]] = []
@@ -140,12 +131,25 @@ class DataParallelClient:
         self._last_heard = [now] * self.size
         self._last_ping = now
         try:
-            self._start_up(port)
+            self._start_up(placement.front_ports[front_index])
         except BaseException:
             self.shutdown()
             raise
 
     # ---- start-up ------------------------------------------------------------------------------
+    def _open_socket(self) -> None:
+        """This front's ROUTER socket, bound; closed (and this host's cores stopped) when the client goes."""
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._finalizer = weakref.finalize(self, _close, list(self._procs.values()), self._socket, self._context)
+        address = self.placement.front_addresses()[self.front_index]
+        try:
+            self._socket.bind(address)
+        except zmq.ZMQError as e:
+            self._finalizer()
+            raise ValueError(f"cannot listen for engine cores on {address}: {e}") from None
+
     def _start_up(self, port: int) -> None:
         start = time.monotonic()
         logger.info("data parallelism: %d engine cores (%d started here), front %d at %s:%d", self.size,
