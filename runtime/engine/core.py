@@ -95,7 +95,6 @@ class EngineCore:
         self.kv_transfer = (KVTransfer(make_connector(config.kv_transfer_config), self.executor, self.kv_cache,
                                        self.scheduler, config.tensor_parallel_size)
                             if config.kv_transfer_config is not None else None)
-        self.prompt_tokens_computed = 0  # prompt tokens run through the model (the rest came cached or transferred)
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
         self._num_with_penalties = 0  # unfinished requests whose sampling reads their earlier tokens
@@ -184,7 +183,7 @@ class EngineCore:
         connector = self.kv_transfer.connector if self.kv_transfer is not None else None
         return [EngineStats(sched.num_running, sched.num_waiting, kv.usage, kv.num_used_blocks, kv.num_blocks,
                             kv.hit_rate, self.num_steps, self.graph_replays, self.eager_steps,
-                            prompt_tokens_computed=self.prompt_tokens_computed,
+                            prompt_tokens_computed=sched.num_prompt_tokens_computed,
                             kv_sent_tokens=connector.sent_tokens if connector else 0,
                             kv_received_tokens=connector.received_tokens if connector else 0)]
 
@@ -273,10 +272,6 @@ class EngineCore:
         if self.kv_transfer is not None:
             self.kv_transfer.admit_loaded()  # requests whose prompt KV arrived from a prefill instance
         sched = self.scheduler.schedule()
-        for item in sched.scheduled:
-            prompt_left = item.request.num_prompt_tokens - item.start_pos
-            if prompt_left > 0:
-                self.prompt_tokens_computed += min(prompt_left, item.num_new_tokens)
         touched: dict[str, _Parent] = {}
         self._collect_scheduler_aborts(sched.finished_ids, touched)
         launched = None

@@ -48,6 +48,8 @@ class Scheduler:
         self._finished_ids: list[str] = []
         # Told of every request finishing, before its blocks are freed (runtime/engine/kv_transfer.py).
         self.finish_listener: Callable[[Request], None] | None = None
+        # Prompt tokens scheduled to run through the model (not served from the prefix cache or a producer's KV).
+        self.num_prompt_tokens_computed = 0
 
     # ----------------------------------------------------------------- requests
 
@@ -164,6 +166,8 @@ class Scheduler:
             if (start + num_new > len(request.block_ids) * capacity  # its last block is full (the rare case)
                     and not self._allocate_or_preempt(request, num_new, preempted)):
                 break  # it preempted itself, and it was the last one
+            if start < len(request.prompt_token_ids):  # a prefill chunk (or a preempted request's recompute)
+                self.num_prompt_tokens_computed += min(num_new, len(request.prompt_token_ids) - start)
             scheduled.append(ScheduledRequest(request, num_new, start, start + num_new >= total))
             budget -= num_new
         return budget
@@ -222,6 +226,7 @@ class Scheduler:
                 return
             self._waiting.popleft()
             self._admit(request, num_cached)
+            self.num_prompt_tokens_computed += max(0, min(num_new, len(request.prompt_token_ids) - num_cached))
             scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
 

@@ -99,6 +99,11 @@ def signal_server(base_url: str, sig: int = signal.SIGTERM) -> subprocess.Popen:
     return proc
 
 
+def server_process(base_url: str) -> subprocess.Popen:
+    """The process of a server started by ``running_server`` (to kill it outright)."""
+    return _PROCESSES[base_url]
+
+
 def wait_for_exit(base_url: str, timeout: float = SHUTDOWN_TIMEOUT_S) -> int:
     """The exit code of a server started by ``running_server`` that stops on its own."""
     return _PROCESSES[base_url].wait(timeout)

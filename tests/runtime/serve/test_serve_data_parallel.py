@@ -57,6 +57,14 @@ def _stream_until_error(base: str, rank: int, kill) -> list[str]:
     return events
 
 
+def _until_both_api_servers_report_503(base: str, in_a_row: int = 16, timeout_s: float = 30.0) -> None:
+    """New connections land on either API server process: many 503s in a row mean both have seen the death."""
+    deadline, seen = time.monotonic() + timeout_s, 0
+    while seen < in_a_row:
+        assert time.monotonic() < deadline, "an API server process kept answering /health with 200"
+        seen = seen + 1 if httpx.get(f"{base}/health", timeout=10).status_code == 503 else 0
+
+
 def test_two_engine_cores_share_the_load_and_survive_a_dead_one_when_tolerated():
     # Two API server processes on the one port, each a front to both cores: whichever answers a request (or a
     # scrape, with the counters of both) must see the same cores, alive or dead.
@@ -78,7 +86,7 @@ def test_two_engine_cores_share_the_load_and_survive_a_dead_one_when_tolerated()
         victim = _core_pids(base)[1]
         events = _stream_until_error(base, 1, lambda: os.kill(victim, signal.SIGKILL))
         assert "engine core 1 died" in events[-2] and events[-1] == "[DONE]"
-        time.sleep(0.5)  # the other API server's front looks at the cores' processes between its steps
+        _until_both_api_servers_report_503(base)  # the other front notices between its steps
         for _ in range(4):  # new connections: either API server process
             health = httpx.get(f"{base}/health", timeout=10)
             assert health.status_code == 503 and "engine core 1 died" in health.json()["error"]["message"]

@@ -1,11 +1,11 @@
 """Prefill/decode disaggregation on CPU (SmolLM2): a kv_producer server, a kv_consumer server and the proxy,
 three processes. Through the proxy the tokens are exactly the plain server's, the decode instance computes
 one prompt token per request (the rest of the prompt's KV comes from the producer); with the producer
-killed, requests still complete (the consumer computes the prompts itself) and no KV block stays held.
+killed, between prefill and decode or before the proxy reaches it, requests still complete with the same
+tokens (the consumer computes the prompts itself) and no KV block stays held.
 """
 import asyncio
 import contextlib
-import os
 import random
 import signal
 import subprocess
@@ -15,7 +15,7 @@ import time
 import httpx
 
 from tests.helpers import REPO_ROOT
-from tests.helpers.serve import free_port, metric_sum, running_server, scrape, server_log
+from tests.helpers.serve import free_port, metric_sum, running_server, scrape, server_log, server_process, wait_for_exit
 
 GREEDY = {"model": "SmolLM2-135M-Instruct", "max_tokens": 6, "temperature": 0}
 
@@ -42,15 +42,11 @@ def _proxy(prefill: str, decode: str):
         proc.wait(30)
 
 
-async def _complete_all(base: str, prompts: list[list[int]], stream: bool = False) -> list[list[str]]:
+async def _complete_all(base: str, prompts: list[list[int]]) -> list[str]:
     async with httpx.AsyncClient(timeout=300) as client:
         async def one(prompt):
-            body = {**GREEDY, "prompt": prompt, "stream": stream, "max_tokens": 24 if stream else 6}
-            if not stream:
-                return (await client.post(f"{base}/v1/completions", json=body)).json()["choices"][0]["text"]
-            async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
-                assert response.status_code == 200
-                return [line async for line in response.aiter_lines() if line.startswith("data: ")]
+            body = {**GREEDY, "prompt": prompt}
+            return (await client.post(f"{base}/v1/completions", json=body)).json()["choices"][0]["text"]
         return await asyncio.gather(*map(one, prompts))
 
 
@@ -76,23 +72,19 @@ def test_prefill_on_one_instance_decode_on_another_through_the_proxy():
         assert sent["graphmode:kv_transfer_tokens_total{direction=sent,engine=0}"] == received
         assert metric_sum(sent, "graphmode:kv_cache_used_blocks") == 0  # nothing held for a transfer
 
-        # The producer dies while requests stream through the proxy: they complete all the same.
-        pid = int(server_log(prefill).split("Started server process [")[1].split("]")[0])
-        killer = asyncio.get_event_loop_policy().new_event_loop()
-        streams = killer.run_until_complete(_kill_during(pid, proxy, prompts[:8]))
-        killer.close()
-        assert all(events[-1] == "data: [DONE]" and '"error"' not in "".join(events) for events in streams)
+        # The producer dies after prefilling: the consumer cannot fetch the KV and computes the prompts itself.
+        params = [httpx.post(f"{prefill}/v1/completions", timeout=120, json={
+            **GREEDY, "prompt": p, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+        ).json()["kv_transfer_params"] for p in prompts[:4]]
+        server_process(prefill).kill()
+        assert wait_for_exit(prefill) == -signal.SIGKILL
+        fetched_too_late = [httpx.post(f"{decode}/v1/completions", timeout=120, json={
+            **GREEDY, "prompt": p, "kv_transfer_params": kv}).json()["choices"][0]["text"]
+            for p, kv in zip(prompts[:4], params)]
+        assert fetched_too_late == plain[:4]
+        assert server_log(decode).count("computing its prompt here") == 4
+        # ... and the proxy, its prefill instance gone, sends the requests straight to the decode instance.
+        assert asyncio.run(_complete_all(proxy, prompts[4:8])) == plain[4:8]
         left = scrape(decode)
         assert metric_sum(left, "graphmode:kv_cache_used_blocks") == 0
         assert metric_sum(left, "graphmode:num_requests_running") == 0
-        # The consumer computed (most of) those prompts itself: no producer was left to send their KV.
-        recomputed = left["graphmode:prompt_tokens_computed_total{engine=0}"] - \
-            after["graphmode:prompt_tokens_computed_total{engine=0}"]
-        assert recomputed > 8
-
-
-async def _kill_during(pid: int, proxy: str, prompts: list[list[int]]) -> list[list[str]]:
-    task = asyncio.ensure_future(_complete_all(proxy, prompts, stream=True))
-    await asyncio.sleep(0.3)
-    os.kill(pid, signal.SIGKILL)
-    return await task
