@@ -114,11 +114,6 @@ class ZmqKVConnector(KVConnector):
         for request_id in expired:
             logger.warning("KV producer: the saved KV of request %s expired unfetched", request_id)
 
-    @property
-    def num_saved(self) -> int:
-        with self._lock:
-            return len(self._saved)
-
     # ---- consumer ----------------------------------------------------------------------------
     def start_load(self, request_id: str, params: dict[str, Any]) -> None:
         try:
