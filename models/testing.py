@@ -82,6 +82,20 @@ def qwen3_0_6b_config() -> Any:
     return config
 
 
+def qwen3_30b_a3b_config(num_hidden_layers: int = 8) -> Any:
+    """The Qwen3-30B-A3B shape cut to ``num_hidden_layers`` (48 in the model): hidden 2048, 32/4 heads of 128,
+    128 experts of 768 with 8 per token, vocab 151936; 8 layers are ~5.5 B parameters (11 GiB in bf16)."""
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                            num_hidden_layers=num_hidden_layers, num_attention_heads=32, num_key_value_heads=4,
+                            head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                            decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960,
+                            rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1000000.0)
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    return config
+
+
 def build_random_model(config: Any, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
                        compilation_config: Any = None) -> nn.Module:
     """Our model for ``config`` with small random weights (for benchmarks: no checkpoint needed)."""

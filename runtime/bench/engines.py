@@ -13,7 +13,8 @@ import torch
 from compiler import CompilationConfig
 from models.default import default_model_path
 from models.loader import LoadedModel, load_model, resolve_dtype
-from models.testing import build_random_model, llama_1b_config, qwen3_0_6b_config, save_random_checkpoint
+from models.testing import (build_random_model, llama_1b_config, qwen3_0_6b_config, qwen3_30b_a3b_config,
+                            save_random_checkpoint)
 from runtime.distributed.parallel_state import ParallelContext, use_parallel
 from runtime.engine.core import EngineCore
 from runtime.engine.llm import LLM
@@ -23,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 RANDOM_1B = "random-1b"
 # Random-weight models of a real shape, built in memory (no checkpoint needed): name -> config.
-RANDOM_MODELS = {RANDOM_1B: llama_1b_config, "random-qwen3-0.6b": qwen3_0_6b_config}
+RANDOM_MODELS = {RANDOM_1B: llama_1b_config, "random-qwen3-0.6b": qwen3_0_6b_config,
+                 "random-qwen3-30b-a3b-8l": qwen3_30b_a3b_config}
 
 
 def load_model_for(args: argparse.Namespace, compilation: CompilationConfig | None = None) -> LoadedModel | None:

@@ -47,7 +47,7 @@ def fused_moe_reference(
     gate, up = gate_up.chunk(2, dim=-1)
     expert_out = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))
     weighted = expert_out[sorted_ids, slot_in_group] * topk_weights.reshape(-1)[order, None].to(hidden.dtype)
-    return hidden.new_zeros(num_tokens, hidden_size).index_add_(0, token_of, weighted)
+    return combine(weighted, order, num_tokens, top_k)
 
 
 def fused_moe_grouped(
@@ -74,7 +74,17 @@ def fused_moe_grouped(
     weights = topk_weights.reshape(-1)[order, None].to(hidden.dtype)
     # Rows past the last group (skipped pairs) are left unwritten by the GEMM: select, never multiply, them away.
     weighted = torch.where(owned[order, None], expert_out * weights, 0)
-    return hidden.new_zeros(num_tokens, hidden_size).index_add_(0, token_of, weighted)
+    return combine(weighted, order, num_tokens, top_k)
+
+
+def combine(weighted: torch.Tensor, pair_index: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """Each token's weighted expert rows (row i is flat (token, k) pair ``pair_index[i]``) summed in fp32 in
+    a fixed order. Not ``index_add_``: on a GPU it adds with atomics in the order they land, rounding each
+    partial sum to bf16, so the same inputs gave different bits from call to call and from a graph replay
+    to the eager call (greedy tokens of a random MoE model changed with it)."""
+    pairs = weighted.new_zeros(num_tokens * top_k, weighted.shape[1])
+    pairs[pair_index] = weighted  # every pair at most once: no accumulation, no order
+    return pairs.view(num_tokens, top_k, weighted.shape[1]).sum(1, dtype=torch.float32).to(weighted.dtype)
 
 
 def grouped_gemm_fits(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
