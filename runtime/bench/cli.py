@@ -1,8 +1,10 @@
-"""`python -m runtime.bench latency|throughput|mm-encoder|startup`: the harness behind every performance claim.
+"""`python -m runtime.bench latency|throughput|mm-encoder|moe|serving|startup`: the harness behind every performance claim.
 
 latency:    per-step decode latency at given batch sizes and context length (prefill excluded).
 throughput: offline generation of N requests with fixed input/output lengths.
 mm-encoder: the vision encoder alone per attention backend, eager / compiled / captured.
+moe:        one sparse MoE layer, the torch reference vs the grouped GEMM, eager and captured.
+serving:    a running server: streaming decodes' inter-token latency while long prompts arrive.
 startup:    engine start-up by phase (load, trace, passes, compile, memory profile, KV, capture), cold and warm.
 Prints a header line and a table; with --json, writes the numbers to a file as each config finishes,
 so a run that fails or is killed later keeps what it measured.
@@ -22,7 +24,11 @@ from runtime.bench.engines import RANDOM_1B
 from runtime.bench.latency import bench_latency
 from runtime.bench.mm_encoder import add_parser as add_mm_encoder_parser
 from runtime.bench.mm_encoder import bench_mm_encoder
+from runtime.bench.moe_layer import MOE_COLUMNS, bench_moe_layer
+from runtime.bench.moe_layer import add_parser as add_moe_parser
 from runtime.bench.results import LATENCY_COLUMNS, MM_ENCODER_COLUMNS, THROUGHPUT_COLUMNS, ResultTable
+from runtime.bench.serving import SERVING_COLUMNS, bench_serving
+from runtime.bench.serving import add_parser as add_serving_parser
 from runtime.bench.startup import STARTUP_COLUMNS, bench_startup
 from runtime.bench.startup import add_parser as add_startup_parser
 from runtime.bench.throughput import bench_throughput
@@ -39,6 +45,8 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[argparse
     "latency": (LATENCY_COLUMNS, ("model", "dtype"), bench_latency),
     "throughput": (THROUGHPUT_COLUMNS, ("model", "dtype"), bench_throughput),
     "mm-encoder": (MM_ENCODER_COLUMNS, ("shape", "dtype"), bench_mm_encoder),
+    "moe": (MOE_COLUMNS, ("shape", "dtype"), bench_moe_layer),
+    "serving": (SERVING_COLUMNS, ("url", "label"), bench_serving),
     "startup": (STARTUP_COLUMNS, ("model", "dtype"), bench_startup),
 }
 
@@ -53,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("latency", "throughput"):
         s = sub.add_parser(name, parents=[common], help=HELP[name])
         s.add_argument("--model", default=None,
-                       help=f"checkpoint dir/.gguf, or '{RANDOM_1B}' / 'random-qwen3-0.6b' for a random model of "
-                            "the Llama-3.2-1B / Qwen3-0.6B shape (default: the embedded SmolLM2)")
+                       help=f"checkpoint dir/.gguf, or '{RANDOM_1B}' / 'random-qwen3-0.6b' / 'random-qwen3-30b-a3b-8l' "
+                            "for a random model of the Llama-3.2-1B / Qwen3-0.6B / Qwen3-30B-A3B (8 of its 48 layers) "
+                            "shape (default: the embedded SmolLM2)")
         s.add_argument("--dtype", default="auto",
                        help="auto (the checkpoint's; float32 on CPU), float32, bfloat16 or float16 (default: auto)")
         s.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -131,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="engine cores (processes), the requests spread over them by load; cores that "
                                 "share a device need --kv-cache-memory-gb, each core's (default: %(default)s)")
     add_mm_encoder_parser(sub, [common])
+    add_moe_parser(sub, [common])
+    add_serving_parser(sub, [common])
     add_startup_parser(sub, [common])
     return p
 

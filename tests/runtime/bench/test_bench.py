@@ -15,8 +15,12 @@ from models.testing import write_tiny_checkpoint
 from models.vision_testing import write_tiny_qwen2_vl_checkpoint
 from runtime.bench import cli as bench
 from runtime.bench.results import LATENCY_COLUMNS, MM_ENCODER_COLUMNS, THROUGHPUT_COLUMNS, ResultTable
+from runtime.bench.moe_layer import MOE_COLUMNS
+from runtime.bench.serving import SERVING_COLUMNS
 from runtime.bench.startup import STARTUP_COLUMNS
+from runtime.platforms import current_platform
 from tests.helpers import REPO_ROOT
+from tests.helpers.serve import running_server
 
 COMPILED = '{"mode": "compile", "backend": "eager", "passes": ["default"]}'
 TINY_LATENCY = ["--context", "8", "--steps", "2", "--warmup", "1", "--kv-cache-memory-gb", "0.05"]
@@ -79,6 +83,14 @@ INVOCATIONS = {
     "mm_encoder": ["mm-encoder", "--shape", "tiny", "--image-sizes", "56x56,84x112", "--backends", "sdpa,naive",
                    "--modes", "eager,compiled,captured", "--dtype", "float32", "--compile-backend", "eager",
                    "--iters", "1", "--warmup", "0", "--log-level", "INFO", "--json", "{json}"],
+    # A running server (the embedded SmolLM2 on CPU): decode streams while long prompts arrive.
+    "serving": ["serving", "--url", "{url}", "--label", "plain", "--served-model-name", "SmolLM2-135M-Instruct",
+                "--vocab-size", "20000", "--decode-streams", "3", "--decode-prompt-len", "5", "--decode-output-len",
+                "8", "--long-prompts", "2", "--long-prompt-len", "120", "--long-output-len", "2", "--long-interval-s",
+                "0.05", "--seed", "1", "--timeout-s", "120", "--log-level", "INFO", "--json", "{json}"],
+    "moe": ["moe", "--shape", "tiny", "--tokens", "1", "7", "--dtype", "float32", "--iters", "2", "--warmup", "1",
+            "--log-level", "INFO",
+            "--json", "{json}"],
 }
 
 
@@ -94,6 +106,7 @@ def _run(name: str, checkpoints: dict[str, str], tmp_path, capsys) -> tuple[list
     """Run one named invocation in this process; the JSON rows and the printed table."""
     out = tmp_path / f"{name}.json"
     fill = {"{json}": str(out), "{llama}": checkpoints["llama"], "{moe}": checkpoints["moe"], "{vlm}": checkpoints["vlm"],
+            "{url}": checkpoints.get("url"),
             "{profile}": str(tmp_path / "traces"), "{cprofile}": str(tmp_path / "traces" / "cprofile")}
     argv = [fill.get(a, a) for a in INVOCATIONS[name]]
     assert bench.main(argv) == 0
@@ -227,6 +240,38 @@ def test_mm_encoder_runs_every_backend_and_mode(checkpoints, tmp_path, capsys):
                                                          for m in ("eager", "compiled", "captured")}
     assert [r["patches"] for r in rows[:2]] == [16, 48] and all(r["ms"] > 0 for r in rows)
     assert all(r["traces"] == (0 if r["mode"] == "eager" else 1) for r in rows), "one trace serves both sizes"
+
+
+def test_serving_measures_decode_streams_and_long_prompts_against_a_running_server(checkpoints, tmp_path, capsys):
+    with running_server() as url:
+        rows, printed = _run("serving", {**checkpoints, "url": url}, tmp_path, capsys)
+    _check_schema(rows, SERVING_COLUMNS, printed)
+    decode, long = rows
+    assert (decode["config"], decode["kind"], decode["requests"], decode["failed"]) == ("plain", "decode", 3, 0)
+    assert (long["kind"], long["requests"], long["failed"]) == ("long_prompt", 2, 0)
+    assert decode["output_tokens"] == 3 * 8 and long["output_tokens"] == 2 * 2
+    assert 0 < decode["itl_p50_ms"] <= decode["itl_p99_ms"] <= decode["itl_max_ms"]
+    assert decode["ttft_p50_ms"] > 0 and long["ttft_p50_ms"] > 0 and decode["seconds"] > 0
+
+
+def test_serving_names_a_server_that_is_not_there(tmp_path, capsys):
+    argv = ["serving", "--url", "http://127.0.0.1:9", "--served-model-name", "m", "--decode-streams", "1",
+            "--long-prompts", "0", "--timeout-s", "5"]
+    assert bench.main(argv) == 2
+    assert "1 requests failed; the first: ConnectError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["reference-only", "with-grouped-gemm"])
+def test_moe_layer_times_the_reference_and_the_grouped_gemm_where_the_platform_has_it(
+        grouped, checkpoints, tmp_path, capsys, monkeypatch):
+    # torch._grouped_mm runs on the CPU too (slowly), so the grouped rows can be checked here
+    monkeypatch.setattr(current_platform, "has_grouped_gemm", lambda dtype: grouped)
+    rows, printed = _run("moe", checkpoints, tmp_path, capsys)
+    _check_schema(rows, MOE_COLUMNS, printed)
+    kernels = ["reference", "grouped"] if grouped else ["reference"]
+    assert [(r["tokens"], r["kernel"], r["mode"]) for r in rows] == [(t, k, "eager") for t in (1, 7) for k in kernels]
+    assert all(r["ms"] > 0 and r["vs_reference"] > 0 for r in rows)
+    assert [r["vs_reference"] for r in rows if r["kernel"] == "reference"] == [1.0, 1.0]
 
 
 def test_startup_runs_cold_then_warm_in_processes_of_their_own(checkpoints, tmp_path, capsys):

@@ -1,0 +1,107 @@
+"""`python -m runtime.bench moe`: one sparse MoE layer (router + ``graphmode::fused_moe``) per kernel.
+
+The layer is the model's own ``SparseMoeBlock`` with random weights. ``reference`` is the torch op the CPU
+runs (it reads each expert's group size on the host); ``grouped`` is the platform's grouped GEMM (no host
+sync), timed eager and, where the platform has static graphs, captured and replayed. ``--shape
+qwen3-30b-a3b`` is that model's layer (hidden 2048, 128 experts of 768, top-8); ``tiny`` the tests' model's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+from models.qwen3_moe import SparseMoeBlock
+from runtime.bench.results import ResultTable
+from runtime.ops.kernels import KERNELS_ENV
+from runtime.ops.moe import FUSED_MOE_OP, grouped_gemm_fits
+from runtime.platforms import current_platform
+
+# hidden, moe intermediate, experts, top-k, normalised top-k weights
+SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "tiny": (64, 32, 8, 2, True)}
+MOE_COLUMNS = ("shape", "tokens", "kernel", "mode", "ms", "ms_min", "vs_reference")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("moe", parents=parents, help="one sparse MoE layer: the torch reference vs the grouped GEMM")
+    s.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b",
+                   help="the layer's geometry (default: %(default)s)")
+    s.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512], help="tokens per call (default: 1 64 512)")
+    s.add_argument("--dtype", default="auto", help="auto = bfloat16 where static graphs exist, else float32")
+    s.add_argument("--iters", type=int, default=50, help="timed calls per row (default: %(default)s)")
+    s.add_argument("--warmup", type=int, default=5, help="untimed calls first (default: %(default)s)")
+    s.add_argument("--json", default=None, help="write results to this file (rewritten as each row finishes)")
+
+
+@contextlib.contextmanager
+def _kernel(provider: str | None) -> Iterator[None]:
+    """GRAPHMODE_OP_KERNELS set to ask ``fused_moe`` for ``provider`` (None: the platform's choice)."""
+    before = os.environ.get(KERNELS_ENV)
+    if provider is None:
+        os.environ.pop(KERNELS_ENV, None)
+    else:
+        os.environ[KERNELS_ENV] = f"{FUSED_MOE_OP}={provider}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(KERNELS_ENV, None)
+        else:
+            os.environ[KERNELS_ENV] = before
+
+
+def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    current_platform.synchronize()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        current_platform.synchronize()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def _captured(layer: SparseMoeBlock, x: torch.Tensor) -> Callable[[], Any]:
+    """The layer captured once on ``x``'s shape; the callable replays it."""
+    layer(x)  # the grouped GEMM's first call outside the capture (kernel selection, workspace)
+    current_platform.synchronize()
+    graph = current_platform.new_graph()
+    with current_platform.graph_capture(graph, current_platform.graph_pool_handle()):
+        layer(x)
+    return graph.replay
+
+
+def bench_moe_layer(args: argparse.Namespace, table: ResultTable) -> None:
+    """Rows per token count: the reference eager, the grouped GEMM eager and captured (where it runs)."""
+    hidden, inter, experts, top_k, norm = SHAPES[args.shape]
+    dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if current_platform.supports_static_graphs else torch.float32)
+    torch.manual_seed(0)
+    with torch.device(current_platform.device()):
+        layer = SparseMoeBlock(hidden, inter, experts, top_k, norm).to(dtype).eval()
+    probe = torch.zeros(1, hidden, dtype=dtype, device=current_platform.device())
+    grouped = current_platform.has_grouped_gemm(dtype) and grouped_gemm_fits(probe, layer.w13, layer.w2)
+    for tokens in args.tokens:
+        x = torch.randn(tokens, hidden, dtype=dtype, device=current_platform.device())
+        runs: list[tuple[str, str, Callable[[], Any]]] = [("reference", "eager", lambda: layer(x))]
+        if grouped:
+            runs.append(("grouped", "eager", lambda: layer(x)))
+            if current_platform.supports_static_graphs:
+                runs.append(("grouped", "captured", None))  # captured under its kernel choice below
+        reference_ms = None
+        with torch.no_grad():
+            for kernel, mode, fn in runs:
+                with _kernel("torch" if kernel == "reference" else None):
+                    fn = fn or _captured(layer, x)
+                    samples = _time(fn, args.iters, args.warmup)
+                ms = 1e3 * statistics.median(samples)
+                reference_ms = reference_ms or ms
+                table.add({"shape": args.shape, "tokens": tokens, "kernel": kernel, "mode": mode, "ms": ms,
+                           "ms_min": 1e3 * min(samples), "vs_reference": reference_ms / ms})
