@@ -1,10 +1,11 @@
-"""`python -m runtime.bench latency|throughput|mm-encoder|moe|serving|startup`: the harness behind every performance claim.
+"""`python -m runtime.bench latency|throughput|mm-encoder|moe|serving|disagg|startup`: the harness behind every performance claim.
 
 latency:    per-step decode latency at given batch sizes and context length (prefill excluded).
 throughput: offline generation of N requests with fixed input/output lengths.
 mm-encoder: the vision encoder alone per attention backend, eager / compiled / captured.
 moe:        one sparse MoE layer, the torch reference vs the grouped GEMM, eager and captured.
 serving:    a running server: streaming decodes' inter-token latency while long prompts arrive.
+disagg:     starts one instance, then a prefill + a decode instance and the proxy; serving's workload on each.
 startup:    engine start-up by phase (load, trace, passes, compile, memory profile, KV, capture), cold and warm.
 Prints a header line and a table; with --json, writes the numbers to a file as each config finishes,
 so a run that fails or is killed later keeps what it measured.
@@ -20,6 +21,8 @@ from typing import Any, Callable
 import torch
 
 from models.default import DefaultModelMissing
+from runtime.bench.disagg import add_parser as add_disagg_parser
+from runtime.bench.disagg import bench_disagg
 from runtime.bench.engines import RANDOM_1B
 from runtime.bench.latency import bench_latency
 from runtime.bench.mm_encoder import add_parser as add_mm_encoder_parser
@@ -47,6 +50,7 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[argparse
     "mm-encoder": (MM_ENCODER_COLUMNS, ("shape", "dtype"), bench_mm_encoder),
     "moe": (MOE_COLUMNS, ("shape", "dtype"), bench_moe_layer),
     "serving": (SERVING_COLUMNS, ("url", "label"), bench_serving),
+    "disagg": (SERVING_COLUMNS, ("model", "dtype"), bench_disagg),
     "startup": (STARTUP_COLUMNS, ("model", "dtype"), bench_startup),
 }
 
@@ -142,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mm_encoder_parser(sub, [common])
     add_moe_parser(sub, [common])
     add_serving_parser(sub, [common])
+    add_disagg_parser(sub, [common])
     add_startup_parser(sub, [common])
     return p
 

@@ -31,6 +31,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     s.add_argument("--url", required=True, help="the server's (or the proxy's) base URL, e.g. http://127.0.0.1:8000")
     s.add_argument("--label", default="server", help="the config column's value for this run (default: %(default)s)")
     s.add_argument("--served-model-name", default=None, help="the request's model field (default: the server's first)")
+    add_workload_arguments(s)
+    s.add_argument("--json", default=None, help="write results to this file")
+
+
+def add_workload_arguments(s: argparse.ArgumentParser) -> None:
+    """The decode streams and the long prompts (shared with ``runtime.bench disagg``)."""
     s.add_argument("--vocab-size", type=int, default=32000,
                    help="prompt token ids are drawn from [100, this) (default: %(default)s)")
     s.add_argument("--decode-streams", type=int, default=16, help="streaming decodes measured (default: %(default)s)")
@@ -41,9 +47,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     s.add_argument("--long-output-len", type=int, default=8, help="their output tokens (default: %(default)s)")
     s.add_argument("--long-interval-s", type=float, default=0.5,
                    help="seconds between long prompts' arrivals (default: %(default)s)")
+    s.add_argument("--logprobs", action="store_true",
+                   help="ask for each sampled token's log-prob (logprobs=0): the server then sends an event per token "
+                        "even where the text does not grow (a checkpoint without a tokenizer)")
     s.add_argument("--seed", type=int, default=0, help="the prompts' random seed (default: %(default)s)")
     s.add_argument("--timeout-s", type=float, default=600.0, help="per request (default: %(default)s)")
-    s.add_argument("--json", default=None, help="write results to this file")
 
 
 @dataclass
@@ -102,7 +110,7 @@ async def _model_name(client: Any, url: str) -> str:
     return response.json()["data"][0]["id"]
 
 
-async def run_workload(args: argparse.Namespace) -> tuple[list[StreamTimes], list[StreamTimes], float]:
+async def run_workload(args: argparse.Namespace, url: str) -> tuple[list[StreamTimes], list[StreamTimes], float]:
     """(decode streams, long prompts, seconds): the decodes start together; the long prompts follow once the
     decodes have each produced a token, one every --long-interval-s."""
     import httpx  # the serving extra's client; only this subcommand needs it
@@ -113,9 +121,9 @@ async def run_workload(args: argparse.Namespace) -> tuple[list[StreamTimes], lis
         return [rng.randrange(100, args.vocab_size) for _ in range(n)]
 
     async with httpx.AsyncClient(timeout=args.timeout_s, limits=httpx.Limits(max_connections=None)) as client:
-        model = args.served_model_name or await _model_name(client, args.url)
+        model = args.served_model_name or await _model_name(client, url)
         common = {"model": model, "temperature": 0, "ignore_eos": True, "stream": True,
-                  "stream_options": {"include_usage": True}}
+                  "stream_options": {"include_usage": True}, **({"logprobs": 0} if args.logprobs else {})}
         decode_bodies = [{**common, "prompt": prompt(args.decode_prompt_len), "max_tokens": args.decode_output_len}
                          for _ in range(args.decode_streams)]
         long_bodies = [{**common, "prompt": prompt(args.long_prompt_len), "max_tokens": args.long_output_len}
@@ -123,25 +131,39 @@ async def run_workload(args: argparse.Namespace) -> tuple[list[StreamTimes], lis
         start = time.perf_counter()
         decode_runs = [StreamTimes(start) for _ in decode_bodies]
         long_runs = [StreamTimes(start) for _ in long_bodies]
-        tasks = [asyncio.create_task(_stream(client, args.url, b, t)) for b, t in zip(decode_bodies, decode_runs)]
+        tasks = [asyncio.create_task(_stream(client, url, b, t)) for b, t in zip(decode_bodies, decode_runs)]
         while not all(r.events or task.done() for r, task in zip(decode_runs, tasks)):  # all generating first
             await asyncio.sleep(0.005)
         for i, (body, times) in enumerate(zip(long_bodies, long_runs)):
             if i:
                 await asyncio.sleep(args.long_interval_s)
-            tasks.append(asyncio.create_task(_stream(client, args.url, body, times)))
+            tasks.append(asyncio.create_task(_stream(client, url, body, times)))
         await asyncio.gather(*tasks)
         return decode_runs, long_runs, time.perf_counter() - start
 
 
-def bench_serving(args: argparse.Namespace, table: ResultTable) -> None:
+def measure(args: argparse.Namespace, url: str, label: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The workload against ``url``: (a row for the decode streams and one for the long prompts, the failed
+    requests' errors)."""
+    decode_runs, long_runs, seconds = asyncio.run(run_workload(args, url))
+    rows = [summarize(label, "decode", decode_runs, seconds)]
+    if long_runs:
+        rows.append(summarize(label, "long_prompt", long_runs, seconds))
+    return rows, [r.error for r in decode_runs + long_runs if r.error]
+
+
+def check_workload(args: argparse.Namespace) -> None:
     if args.decode_streams < 1 or args.long_prompts < 0:
         raise ValueError("--decode-streams must be >= 1 and --long-prompts >= 0")
-    decode_runs, long_runs, seconds = asyncio.run(run_workload(args))
-    rows = [summarize(args.label, "decode", decode_runs, seconds)]
-    if long_runs:
-        rows.append(summarize(args.label, "long_prompt", long_runs, seconds))
+
+
+def failed(errors: list[str]) -> ValueError:
+    return ValueError(f"{len(errors)} requests failed; the first: {errors[0]}")
+
+
+def bench_serving(args: argparse.Namespace, table: ResultTable) -> None:
+    check_workload(args)
+    rows, errors = measure(args, args.url, args.label)
     table.add(*rows)
-    failures = [r.error for r in decode_runs + long_runs if r.error]
-    if failures:
-        raise ValueError(f"{len(failures)} requests failed; the first: {failures[0]}")
+    if errors:
+        raise failed(errors)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from models.default import default_model_path
 from models.testing import write_tiny_checkpoint
 from models.vision_testing import write_tiny_qwen2_vl_checkpoint
 from runtime.bench import cli as bench
@@ -87,7 +88,14 @@ INVOCATIONS = {
     "serving": ["serving", "--url", "{url}", "--label", "plain", "--served-model-name", "SmolLM2-135M-Instruct",
                 "--vocab-size", "20000", "--decode-streams", "3", "--decode-prompt-len", "5", "--decode-output-len",
                 "8", "--long-prompts", "2", "--long-prompt-len", "120", "--long-output-len", "2", "--long-interval-s",
-                "0.05", "--seed", "1", "--timeout-s", "120", "--log-level", "INFO", "--json", "{json}"],
+                "0.05", "--seed", "1", "--timeout-s", "120", "--logprobs", "--log-level", "INFO", "--json", "{json}"],
+    # One instance, then a prefill and a decode instance behind the proxy (SmolLM2 on CPU), the same workload.
+    "disagg": ["disagg", "--model", "{default_model}", "--dtype", "float32", "--max-model-len", "256",
+               "--kv-cache-memory-gb", "0.1", "--server-args", "--max-num-seqs 8", "--log-dir", "{logs}",
+               "--vocab-size", "20000", "--decode-streams", "2", "--decode-prompt-len", "20", "--decode-output-len", "4",
+               "--long-prompts", "1",
+               "--long-prompt-len", "40", "--long-output-len", "2", "--long-interval-s", "0.01", "--seed", "2",
+               "--timeout-s", "120", "--logprobs", "--log-level", "INFO", "--json", "{json}"],
     "moe": ["moe", "--shape", "tiny", "--tokens", "1", "7", "--dtype", "float32", "--iters", "2", "--warmup", "1",
             "--log-level", "INFO",
             "--json", "{json}"],
@@ -106,7 +114,7 @@ def _run(name: str, checkpoints: dict[str, str], tmp_path, capsys) -> tuple[list
     """Run one named invocation in this process; the JSON rows and the printed table."""
     out = tmp_path / f"{name}.json"
     fill = {"{json}": str(out), "{llama}": checkpoints["llama"], "{moe}": checkpoints["moe"], "{vlm}": checkpoints["vlm"],
-            "{url}": checkpoints.get("url"),
+            "{url}": checkpoints.get("url"), "{default_model}": default_model_path(), "{logs}": str(tmp_path / "logs"),
             "{profile}": str(tmp_path / "traces"), "{cprofile}": str(tmp_path / "traces" / "cprofile")}
     argv = [fill.get(a, a) for a in INVOCATIONS[name]]
     assert bench.main(argv) == 0
@@ -252,6 +260,27 @@ def test_serving_measures_decode_streams_and_long_prompts_against_a_running_serv
     assert decode["output_tokens"] == 3 * 8 and long["output_tokens"] == 2 * 2
     assert 0 < decode["itl_p50_ms"] <= decode["itl_p99_ms"] <= decode["itl_max_ms"]
     assert decode["ttft_p50_ms"] > 0 and long["ttft_p50_ms"] > 0 and decode["seconds"] > 0
+
+
+def test_disagg_measures_one_instance_then_prefill_and_decode_instances_behind_the_proxy(checkpoints, tmp_path,
+                                                                                        capsys):
+    rows, printed = _run("disagg", checkpoints, tmp_path, capsys)
+    _check_schema(rows, SERVING_COLUMNS, printed)
+    assert [(r["config"], r["kind"]) for r in rows] == [(c, k) for c in ("one_instance", "disaggregated")
+                                                        for k in ("decode", "long_prompt")]
+    assert all(r["failed"] == 0 for r in rows)
+    assert [r["output_tokens"] for r in rows] == [2 * 4, 2, 2 * 4, 2]
+    # Every prompt's KV came from the prefill instance: the decode instance computed one token per request.
+    assert "decode instance: 80 prompt tokens' KV received, 3 prompt tokens computed" in printed
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {"one_instance.log", "producer.log", "consumer.log",
+                                                               "proxy.log"}
+
+
+def test_disagg_quotes_the_log_of_a_server_that_does_not_start(tmp_path, capsys):
+    argv = ["disagg", "--model", str(tmp_path / "missing"), "--kv-cache-memory-gb", "0.1", "--log-dir", str(tmp_path)]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "one_instance (http://127.0.0.1:" in err and "exited with" in err and "one_instance.log" in err
 
 
 def test_serving_names_a_server_that_is_not_there(tmp_path, capsys):
