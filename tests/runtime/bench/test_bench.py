@@ -92,7 +92,8 @@ INVOCATIONS = {
     # One instance, then a prefill and a decode instance behind the proxy (SmolLM2 on CPU), the same workload.
     "disagg": ["disagg", "--model", "{default_model}", "--dtype", "float32", "--max-model-len", "256",
                "--kv-cache-memory-gb", "0.1", "--server-args", "--max-num-seqs 8", "--log-dir", "{logs}",
-               "--vocab-size", "20000", "--decode-streams", "2", "--decode-prompt-len", "20", "--decode-output-len", "4",
+               "--vocab-size", "20000", "--decode-streams", "2", "--decode-prompt-len", "20",
+               "--decode-output-len", "4",
                "--long-prompts", "1",
                "--long-prompt-len", "40", "--long-output-len", "2", "--long-interval-s", "0.01", "--seed", "2",
                "--timeout-s", "120", "--logprobs", "--log-level", "INFO", "--json", "{json}"],
@@ -114,7 +115,8 @@ def _run(name: str, checkpoints: dict[str, str], tmp_path, capsys) -> tuple[list
     """Run one named invocation in this process; the JSON rows and the printed table."""
     out = tmp_path / f"{name}.json"
     fill = {"{json}": str(out), "{llama}": checkpoints["llama"], "{moe}": checkpoints["moe"], "{vlm}": checkpoints["vlm"],
-            "{url}": checkpoints.get("url"), "{default_model}": default_model_path(), "{logs}": str(tmp_path / "logs"),
+            "{url}": checkpoints.get("url"), "{default_model}": default_model_path(),
+            "{logs}": str(tmp_path / "logs"),
             "{profile}": str(tmp_path / "traces"), "{cprofile}": str(tmp_path / "traces" / "cprofile")}
     argv = [fill.get(a, a) for a in INVOCATIONS[name]]
     assert bench.main(argv) == 0
