@@ -107,15 +107,17 @@ def _server(args: argparse.Namespace, kv_gb: float, *extra: str) -> list[str]:
 
 
 def _consumer_counts(url: str) -> dict[str, float]:
+    """The decode instance's prompt tokens computed and prompt tokens whose KV it received."""
+    from prometheus_client.parser import text_string_to_metric_families  # the serving extra's
+
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    wanted = {"graphmode:prompt_tokens_computed_total": "prompt_tokens_computed",
-              'direction="received"': "kv_tokens_received"}
-    counts = {}
-    for line in text.splitlines():
-        for key, name in wanted.items():
-            if line.startswith("graphmode:") and key in line:
-                counts[name] = counts.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    counts = {"prompt_tokens_computed": 0.0, "kv_tokens_received": 0.0}
+    for sample in (s for family in text_string_to_metric_families(text) for s in family.samples):
+        if sample.name == "graphmode:prompt_tokens_computed_total":
+            counts["prompt_tokens_computed"] += sample.value
+        elif sample.name == "graphmode:kv_transfer_tokens_total" and sample.labels.get("direction") == "received":
+            counts["kv_tokens_received"] += sample.value
     return counts
 
 
@@ -143,7 +145,7 @@ def bench_disagg(args: argparse.Namespace, table: ResultTable) -> None:
             rows, errors = measure(args, front["proxy"], "disaggregated")
         counts = _consumer_counts(urls["consumer"])
     table.add(*rows)
-    print(f"decode instance: {counts.get('kv_tokens_received', 0):.0f} prompt tokens' KV received, "
-          f"{counts.get('prompt_tokens_computed', 0):.0f} prompt tokens computed; logs in {log_dir}", flush=True)
+    print(f"decode instance: {counts['kv_tokens_received']:.0f} prompt tokens' KV received, "
+          f"{counts['prompt_tokens_computed']:.0f} prompt tokens computed; logs in {log_dir}", flush=True)
     if errors:
         raise failed(errors)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -23,6 +22,7 @@ from models.qwen2_vl_vision import VisionTransformer
 from models.vision_testing import qwen2_vl_2b_vision_config, tiny_qwen2_vl_config
 from runtime.attention.encoder_attention import ENCODER_ATTENTION_BACKENDS
 from runtime.bench.results import ResultTable
+from runtime.bench.timing import time_calls
 from runtime.worker.encoder_runner import EncoderRunner
 from runtime.platforms import current_platform
 
@@ -79,19 +79,6 @@ def _encoder(config: Any, backend: str, mode: str, dtype: torch.dtype, compile_b
     return encoder.to(dtype).eval()
 
 
-def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        current_platform.synchronize()
-        start = time.perf_counter()
-        fn()
-        current_platform.synchronize()
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
 def bench_mm_encoder(args: argparse.Namespace, table: ResultTable) -> None:
     """A row per (backend, mode, image size); each backend x mode goes into ``table`` when measured."""
     config = _vision_config(args.shape)
@@ -115,7 +102,7 @@ def bench_mm_encoder(args: argparse.Namespace, table: ResultTable) -> None:
             for label, grid in images:
                 n = grid[0] * grid[1] * grid[2]
                 pixels = torch.randn(n, encoder.patch_dim, device=device, dtype=dtype)
-                samples = _time(lambda: runner.run(pixels, [grid]), args.iters, args.warmup)
+                samples = time_calls(lambda: runner.run(pixels, [grid]), args.iters, args.warmup)
                 rows.append({"backend": backend, "mode": mode, "image": label, "patches": n,
                              "budget": runner.budget_for(n), "graphs": runner.graphs is not None,
                              "ms": 1e3 * statistics.median(samples), "ms_min": 1e3 * min(samples),

@@ -11,13 +11,13 @@ import argparse
 import contextlib
 import os
 import statistics
-import time
 from typing import Any, Callable, Iterator
 
 import torch
 
 from models.qwen3_moe import SparseMoeBlock
 from runtime.bench.results import ResultTable
+from runtime.bench.timing import time_calls
 from runtime.ops.kernels import KERNELS_ENV
 from runtime.ops.moe import FUSED_MOE_OP, grouped_gemm_fits
 from runtime.platforms import current_platform
@@ -56,19 +56,6 @@ def _kernel(provider: str | None) -> Iterator[None]:
             os.environ[KERNELS_ENV] = before
 
 
-def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    current_platform.synchronize()
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        current_platform.synchronize()
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
 def _captured(layer: SparseMoeBlock, x: torch.Tensor) -> Callable[[], Any]:
     """The layer captured once on ``x``'s shape; the callable replays it."""
     layer(x)  # the grouped GEMM's first call outside the capture (kernel selection, workspace)
@@ -100,7 +87,7 @@ def bench_moe_layer(args: argparse.Namespace, table: ResultTable) -> None:
             for kernel, mode, fn in runs:
                 with _kernel("torch" if kernel == "reference" else None):
                     fn = fn or _captured(layer, x)
-                    samples = _time(fn, args.iters, args.warmup)
+                    samples = time_calls(fn, args.iters, args.warmup)
                 ms = 1e3 * statistics.median(samples)
                 reference_ms = reference_ms or ms
                 table.add({"shape": args.shape, "tokens": tokens, "kernel": kernel, "mode": mode, "ms": ms,

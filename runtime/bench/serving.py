@@ -63,14 +63,14 @@ class StreamTimes:
     error: str | None = None
 
 
-async def _stream(client: Any, url: str, body: dict[str, Any], times: StreamTimes) -> StreamTimes:
+async def _stream(client: Any, url: str, body: dict[str, Any], times: StreamTimes) -> None:
     """Send ``body`` streamed; note in ``times`` when each event with choices comes and the tokens counted."""
     times.sent = time.perf_counter()
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 times.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return times
+                return
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -83,7 +83,6 @@ async def _stream(client: Any, url: str, body: dict[str, Any], times: StreamTime
                     times.tokens = event["usage"]["completion_tokens"]
     except Exception as e:  # noqa: BLE001 (a transport error is this request's failure, reported in its row)
         times.error = f"{type(e).__name__}: {e}"
-    return times
 
 
 def _percentile(values: list[float], q: float) -> float | None:

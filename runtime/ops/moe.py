@@ -56,7 +56,7 @@ def fused_moe_grouped(
     """``fused_moe_reference``'s result with static shapes only: every (token, expert) pair sorted by expert
     (skipped pairs, id -1, last), two grouped GEMMs over the groups' end offsets, the weighted rows summed
     back per token."""
-    num_tokens, hidden_size = hidden.shape
+    num_tokens = hidden.shape[0]
     num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1).long()
     owned = flat_ids >= 0
