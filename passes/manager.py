@@ -44,6 +44,7 @@ import passes.fuse_add_rms_norm  # noqa: F401
 import passes.fuse_qk_norm_rotary  # noqa: F401
 import passes.fuse_rotary  # noqa: F401
 import passes.fuse_silu_mul  # noqa: F401
+import passes.fuse_norm_linear  # noqa: F401  (after the norm and SwiGLU fusions it builds on)
 import passes.noop_elimination  # noqa: F401
 from passes.base import PASSES, GraphPass, register_pass
 

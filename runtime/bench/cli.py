@@ -1,9 +1,11 @@
-"""`python -m runtime.bench latency|throughput|mm-encoder|moe|serving|disagg|startup`: the harness behind every performance claim.
+"""`python -m runtime.bench latency|throughput|mm-encoder|moe|norm-linear|serving|disagg|startup`:
+the harness behind every performance claim.
 
 latency:    per-step decode latency at given batch sizes and context length (prefill excluded).
 throughput: offline generation of N requests with fixed input/output lengths.
 mm-encoder: the vision encoder alone per attention backend, eager / compiled / captured.
 moe:        one sparse MoE layer, the torch reference vs the grouped GEMM, eager and captured.
+norm-linear: a decode step's norm + projection, the unfused ops vs the fused kernel, beside a copy's bandwidth.
 serving:    a running server: streaming decodes' inter-token latency while long prompts arrive.
 disagg:     starts one instance, then a prefill + a decode instance and the proxy; serving's workload on each.
 startup:    engine start-up by phase (load, trace, passes, compile, memory profile, KV, capture), cold and warm.
@@ -29,6 +31,8 @@ from runtime.bench.mm_encoder import add_parser as add_mm_encoder_parser
 from runtime.bench.mm_encoder import bench_mm_encoder
 from runtime.bench.moe_layer import MOE_COLUMNS, bench_moe_layer
 from runtime.bench.moe_layer import add_parser as add_moe_parser
+from runtime.bench.norm_linear import NORM_LINEAR_COLUMNS, bench_norm_linear
+from runtime.bench.norm_linear import add_parser as add_norm_linear_parser
 from runtime.bench.results import LATENCY_COLUMNS, MM_ENCODER_COLUMNS, THROUGHPUT_COLUMNS, ResultTable
 from runtime.bench.serving import SERVING_COLUMNS, bench_serving
 from runtime.bench.serving import add_parser as add_serving_parser
@@ -49,6 +53,7 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[argparse
     "throughput": (THROUGHPUT_COLUMNS, ("model", "dtype"), bench_throughput),
     "mm-encoder": (MM_ENCODER_COLUMNS, ("shape", "dtype"), bench_mm_encoder),
     "moe": (MOE_COLUMNS, ("shape", "dtype"), bench_moe_layer),
+    "norm-linear": (NORM_LINEAR_COLUMNS, ("shape", "dtype"), bench_norm_linear),
     "serving": (SERVING_COLUMNS, ("url", "label"), bench_serving),
     "disagg": (SERVING_COLUMNS, ("model", "dtype"), bench_disagg),
     "startup": (STARTUP_COLUMNS, ("model", "dtype"), bench_startup),
@@ -145,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "share a device need --kv-cache-memory-gb, each core's (default: %(default)s)")
     add_mm_encoder_parser(sub, [common])
     add_moe_parser(sub, [common])
+    add_norm_linear_parser(sub, [common])
     add_serving_parser(sub, [common])
     add_disagg_parser(sub, [common])
     add_startup_parser(sub, [common])

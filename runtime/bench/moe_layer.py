@@ -8,17 +8,14 @@ qwen3-30b-a3b`` is that model's layer (hidden 2048, 128 experts of 768, top-8); 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from models.qwen3_moe import SparseMoeBlock
 from runtime.bench.results import ResultTable
-from runtime.bench.timing import time_calls
-from runtime.ops.kernels import KERNELS_ENV
+from runtime.bench.timing import captured, op_kernel, time_calls
 from runtime.ops.moe import FUSED_MOE_OP, grouped_gemm_fits
 from runtime.platforms import current_platform
 
@@ -37,33 +34,6 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     s.add_argument("--iters", type=int, default=50, help="timed calls per row (default: %(default)s)")
     s.add_argument("--warmup", type=int, default=5, help="untimed calls first (default: %(default)s)")
     s.add_argument("--json", default=None, help="write results to this file (rewritten as each row finishes)")
-
-
-@contextlib.contextmanager
-def _kernel(provider: str | None) -> Iterator[None]:
-    """GRAPHMODE_OP_KERNELS set to ask ``fused_moe`` for ``provider`` (None: the platform's choice)."""
-    before = os.environ.get(KERNELS_ENV)
-    if provider is None:
-        os.environ.pop(KERNELS_ENV, None)
-    else:
-        os.environ[KERNELS_ENV] = f"{FUSED_MOE_OP}={provider}"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(KERNELS_ENV, None)
-        else:
-            os.environ[KERNELS_ENV] = before
-
-
-def _captured(layer: SparseMoeBlock, x: torch.Tensor) -> Callable[[], Any]:
-    """The layer captured once on ``x``'s shape; the callable replays it."""
-    layer(x)  # the grouped GEMM's first call outside the capture (kernel selection, workspace)
-    current_platform.synchronize()
-    graph = current_platform.new_graph()
-    with current_platform.graph_capture(graph, current_platform.graph_pool_handle()):
-        layer(x)
-    return graph.replay
 
 
 def bench_moe_layer(args: argparse.Namespace, table: ResultTable) -> None:
@@ -85,8 +55,8 @@ def bench_moe_layer(args: argparse.Namespace, table: ResultTable) -> None:
         reference_ms = None
         with torch.no_grad():
             for kernel, mode, fn in runs:
-                with _kernel("torch" if kernel == "reference" else None):
-                    fn = fn or _captured(layer, x)
+                with op_kernel(FUSED_MOE_OP, "torch" if kernel == "reference" else None):
+                    fn = fn or captured(lambda: layer(x))
                     samples = time_calls(fn, args.iters, args.warmup)
                 ms = 1e3 * statistics.median(samples)
                 reference_ms = reference_ms or ms

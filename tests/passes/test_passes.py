@@ -326,3 +326,46 @@ def test_record_keeps_code_after_each_pass():
     pm(trace(RMSNorm(16).requires_grad_(False), torch.randn(4, 16)))
     assert list(pm.graphs_after) == ["fuse_rms_norm", "noop_elimination"]
     assert "graphmode.rms_norm" in pm.graphs_after["fuse_rms_norm"]
+
+
+# --- norm into projection (not in the default list) ---
+
+NORM_LINEAR_MATCHES = {  # architecture -> fuse_norm_linear matches for 2 layers
+    "LlamaForCausalLM": 4,  # q/k/v (rms_norm first, then add+norm) and gate/up+SiLU per layer
+    "Qwen2ForCausalLM": 4,  # q/k/v with bias
+    "Qwen3ForCausalLM": 4,
+    "Qwen3MoeForCausalLM": 3,  # layer 0's norm also feeds the router: only its q/k/v projection fuses
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_norm_linear_takes_the_gated_projection(mode):
+    piece = MlpPiece(32, torch.float32)
+    args = (torch.randn(5, 32), torch.randn(5, 32))
+    # The last norm feeds no projection in the piece, so it stays an add+norm.
+    check_fused(piece, args, mode, ["default", "fuse_norm_linear"],
+                {"fuse_add_rms_norm": 2, "fuse_silu_mul": 1, "fuse_norm_linear": 1},
+                gone={graphmode.silu_and_mul.default},
+                present={graphmode.add_rms_norm_linear.default, graphmode.fused_add_rms_norm.default},
+                rerun_args=(torch.randn(9, 32), torch.randn(9, 32)))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_norm_linear_whole_model_bit_identical_off_the_kernel(arch):
+    # Off the Triton kernel the fused ops run the ops they replaced: outputs equal bit for bit.
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    model = build_model(tiny_config(arch), dtype, "cpu", init=True).requires_grad_(False)
+    query_lens = [5, 4]
+    ids = torch.randint(0, 256, (sum(query_lens),))
+    positions = torch.cat([torch.arange(n) for n in query_lens])
+    graphs = {}
+    for names in (["default"], ["default", "fuse_norm_linear"]):
+        with _forward_context(model, dtype, query_lens):
+            gm = trace(lambda i, p: model(i, p), ids, positions, mode="symbolic")
+        counts = run_passes(gm, *names)
+        with _forward_context(model, dtype, query_lens):
+            graphs[len(names)] = gm(ids, positions)
+    assert counts["fuse_norm_linear"] == NORM_LINEAR_MATCHES[arch]
+    assert {graphmode.rms_norm_linear.default, graphmode.add_rms_norm_linear.default} <= targets(gm)
+    assert torch.equal(graphs[1], graphs[2])

@@ -17,6 +17,7 @@ from models.vision_testing import write_tiny_qwen2_vl_checkpoint
 from runtime.bench import cli as bench
 from runtime.bench.results import LATENCY_COLUMNS, MM_ENCODER_COLUMNS, THROUGHPUT_COLUMNS, ResultTable
 from runtime.bench.moe_layer import MOE_COLUMNS
+from runtime.bench.norm_linear import NORM_LINEAR_COLUMNS
 from runtime.bench.serving import SERVING_COLUMNS
 from runtime.bench.startup import STARTUP_COLUMNS
 from runtime.platforms import current_platform
@@ -100,6 +101,8 @@ INVOCATIONS = {
     "moe": ["moe", "--shape", "tiny", "--tokens", "1", "7", "--dtype", "float32", "--iters", "2", "--warmup", "1",
             "--log-level", "INFO",
             "--json", "{json}"],
+    "norm_linear": ["norm-linear", "--shape", "tiny", "--tokens", "1", "3", "--dtype", "float32", "--iters", "2",
+                    "--warmup", "1", "--copy-mib", "4", "--log-level", "WARNING", "--json", "{json}"],
 }
 
 
@@ -303,6 +306,15 @@ def test_moe_layer_times_the_reference_and_the_grouped_gemm_where_the_platform_h
     assert [(r["tokens"], r["kernel"], r["mode"]) for r in rows] == [(t, k, "eager") for t in (1, 7) for k in kernels]
     assert all(r["ms"] > 0 and r["vs_reference"] > 0 for r in rows)
     assert [r["vs_reference"] for r in rows if r["kernel"] == "reference"] == [1.0, 1.0]
+
+
+def test_norm_linear_times_the_unfused_ops_beside_a_copy(checkpoints, tmp_path, capsys):
+    # The CPU has no fused kernel (Triton): the copy row and the unfused rows (tests/gpu has the kernel's own).
+    rows, printed = _run("norm_linear", checkpoints, tmp_path, capsys)
+    _check_schema(rows, NORM_LINEAR_COLUMNS, printed)
+    assert [(r["projection"], r["tokens"], r["kernel"]) for r in rows] == [("copy 4 MiB", 0, "copy")] + [
+        (p, t, "unfused") for p in ("qkv", "gate_up+silu") for t in (1, 3)]
+    assert all(r["us"] > 0 and r["gb_per_s"] > 0 for r in rows)
 
 
 def test_startup_runs_cold_then_warm_in_processes_of_their_own(checkpoints, tmp_path, capsys):

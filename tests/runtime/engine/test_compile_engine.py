@@ -55,14 +55,16 @@ def test_tiny_qwen3_moe_compiled_equals_eager(tmp_path, backend):
     eager = _run(load_model(path, dtype="float32", device="cpu"), prompts)
     counters.reset()
     # The fusions named explicitly: "default" under Inductor is the clean-up alone (it fuses on its own),
-    # and the fused ops must still compile with it when a user asks for them.
+    # and the fused ops must still compile with it when a user asks for them; fuse_norm_linear is opt-in.
     compiled = load_model(path, dtype="float32", device="cpu", compilation_config=CompilationConfig(
-        mode="compile", backend=backend, passes=default_pass_names()))
+        mode="compile", backend=backend, passes=default_pass_names() + ["fuse_norm_linear"]))
     assert _run(compiled, prompts) == eager
     assert counters.dynamo_traces == 1
     # Qwen3 attention: q/k RMSNorm + rotary fused per layer; layer 1 is dense (mlp_only_layers).
     assert counters.pass_matches["fuse_qk_norm_rotary"] == 2
     assert counters.pass_matches["fuse_add_rms_norm"] == 3 and counters.pass_matches["fuse_silu_mul"] == 1
+    # Both q/k/v projections and the dense layer's gate/up; the MoE layer's norm also feeds its router.
+    assert counters.pass_matches["fuse_norm_linear"] == 3
 
 
 @pytest.mark.parametrize("graph_mode", ["piecewise", "full", "full_and_piecewise"])
