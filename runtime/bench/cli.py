@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--hf-baseline", action="store_true", help="also time transformers eager decode")
             s.add_argument("--count-kernels", action="store_true",
                            help="count device kernels per decode step with the torch profiler")
+            s.add_argument("--kernel-table", default=None, metavar="FILE",
+                           help="write every counted step's kernels (name, launches and device us per step, share) "
+                                "as markdown tables to FILE, one per config and batch size (implies --count-kernels)")
             s.add_argument("--host-breakdown", action="store_true",
                            help="log where each config's host time per step goes: scheduling, the launch (inputs "
                                 "and forward, lm_head, sampling), taking results in, waiting for the device")

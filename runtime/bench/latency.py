@@ -31,7 +31,7 @@ from runtime.bench.results import ResultTable
 from runtime.contracts.sampling_params import RequestOutputKind, SamplingParams
 from runtime.engine.core import EngineCore
 from runtime.platforms import current_platform
-from runtime.profiling import StepProfile
+from runtime.profiling import StepProfile, kernel_table
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,9 @@ def _decode_step_times(core: EngineCore, vocab: int, batch: int, args: argparse.
     if args.host_breakdown:
         logger.warning("%s: %s", label, host_phases(core, args.steps).summary())
     forward = _forward_times(core, args.steps)
-    profile = _profile_steps(core, PROFILED_STEPS) if args.count_kernels else None
+    profile = _profile_steps(core, PROFILED_STEPS) if args.count_kernels or args.kernel_table else None
+    if args.kernel_table:
+        _append_kernel_table(args.kernel_table, profile, label)
     traces = traced(core, args, label, lambda: [core.step() for _ in range(TRACED_STEPS)])
     gaps = device_gaps(traces[0], TRACED_STEPS) if traces else None
     if gaps is not None:
@@ -136,6 +138,14 @@ def _profile_steps(core: EngineCore, steps: int) -> StepProfile | None:
     for _ in range(steps):
         core.step()
     return core.executor.call_workers("profile_stop", steps)[0] if all(started) else None
+
+
+def _append_kernel_table(path: str, profile: StepProfile | None, label: str) -> None:
+    with open(path, "a") as f:
+        if profile is None:
+            f.write(f"### {label}\n\nno device kernels: the profiler sees none on {current_platform.device_name()}\n\n")
+        else:
+            f.write(kernel_table(profile, label) + "\n")
 
 
 def _forward_times(core: EngineCore, steps: int) -> list[float]:

@@ -21,11 +21,12 @@ from models.testing import write_tiny_checkpoint  # noqa: E402
 from tests.helpers.paged import PagedDriver  # noqa: E402
 
 
-def _generate(path: str, passes: list[str], prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor, int]:
+def _generate(path: str, passes: list[str], prompts: list[list[int]],
+              dtype: torch.dtype = torch.bfloat16) -> tuple[list[list[int]], torch.Tensor, int]:
     counters.reset()
-    loaded = load_model(path, dtype="bfloat16", device="cuda", compilation_config=CompilationConfig(
-        mode="compile", backend="eager", passes=passes))
-    driver = PagedDriver(loaded.model, max_len=128, num_seqs=len(prompts), device="cuda", dtype=torch.bfloat16)
+    loaded = load_model(path, dtype=str(dtype).removeprefix("torch."), device="cuda",
+                        compilation_config=CompilationConfig(mode="compile", backend="eager", passes=passes))
+    driver = PagedDriver(loaded.model, max_len=128, num_seqs=len(prompts), device="cuda", dtype=dtype)
     tokens, prefill_logits = driver.generate_greedy(prompts, max_new_tokens=16)
     return tokens, prefill_logits, sum(counters.pass_matches.values())
 
@@ -51,3 +52,22 @@ def test_passes_keep_bf16_bits_and_greedy_tokens(arch, widths, tmp_path):
     assert none_matched == 0 and matched > 0
     torch.testing.assert_close(fused_logits, unfused_logits, atol=0, rtol=0)
     assert fused_tokens == unfused_tokens
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_norm_linear_logits_as_close_to_fp32_as_the_unfused_model(arch, tmp_path):
+    # fuse_norm_linear's kernel sums in its own order (not bit-identical to cuBLAS): its model must be no
+    # further from the fp32 model than the unfused one. Short prompts (42 tokens) so that the prefill,
+    # too, runs through the kernel (<= 64 tokens), and every decode step does.
+    path = write_tiny_checkpoint(arch, str(tmp_path / arch), **LLM_LIKE_WIDTHS)
+    prompts = [p[:20] for p in _prompts()[:5]]
+    _, exact, _ = _generate(path, [], prompts, dtype=torch.float32)
+    unfused_tokens, unfused, _ = _generate(path, ["default"], prompts)
+    fused_tokens, fused, _ = _generate(path, ["default", "fuse_norm_linear"], prompts)
+    assert counters.pass_matches["fuse_norm_linear"] == 2 * 2  # q/k/v and gate/up of both layers
+    unfused_error = (unfused.float() - exact).abs().mean().item()
+    fused_error = (fused.float() - exact).abs().mean().item()
+    agree = sum(a == b for x, y in zip(unfused_tokens, fused_tokens) for a, b in zip(x, y))
+    print(f"{arch}: mean |logit error| vs fp32 unfused {unfused_error:.3e} fused {fused_error:.3e}; "
+          f"greedy tokens equal {agree}/{sum(map(len, unfused_tokens))}")
+    assert fused_error <= 1.1 * unfused_error

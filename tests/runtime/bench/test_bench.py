@@ -42,7 +42,8 @@ INVOCATIONS = {
                             "--profile", "{profile}", *TINY_LATENCY],
     "latency_tp_dbo": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo", "--force-dbo",
                        "--dbo-decode-token-threshold", "4", "--dbo-prefill-token-threshold", "16",
-                       "--batch-sizes", "4", "8", "--tensor-parallel-size", "2", "--json", "{json}", *TINY_LATENCY],
+                       "--batch-sizes", "4", "8", "--tensor-parallel-size", "2", "--kernel-table", "{kernel_table}",
+                       "--json", "{json}", *TINY_LATENCY],
     "latency_dbo_one_device": ["latency", "--model", "{llama}", "--dtype", "float32", "--dbo",
                                "--dbo-decode-token-threshold", "2", "--batch-sizes", "4", "--json", "{json}",
                                *TINY_LATENCY],
@@ -119,7 +120,7 @@ def _run(name: str, checkpoints: dict[str, str], tmp_path, capsys) -> tuple[list
     out = tmp_path / f"{name}.json"
     fill = {"{json}": str(out), "{llama}": checkpoints["llama"], "{moe}": checkpoints["moe"], "{vlm}": checkpoints["vlm"],
             "{url}": checkpoints.get("url"), "{default_model}": default_model_path(),
-            "{logs}": str(tmp_path / "logs"),
+            "{logs}": str(tmp_path / "logs"), "{kernel_table}": str(tmp_path / "kernels.md"),
             "{profile}": str(tmp_path / "traces"), "{cprofile}": str(tmp_path / "traces" / "cprofile")}
     argv = [fill.get(a, a) for a in INVOCATIONS[name]]
     assert bench.main(argv) == 0
@@ -168,6 +169,10 @@ def test_latency_with_dbo_under_tensor_parallelism_measures_off_and_on_on_one_en
     assert len({r["cold_start_s"] for r in rows}) == 1, "one engine start for both states"
     assert [r["dbo_steps"] > 0 for r in rows] == [False, True, False, True]
     assert all(r["tp"] == 2 and r["forward_ms"] > 0 for r in rows)
+    # --kernel-table: a section per config and batch; the CPU's profiler sees no device kernels.
+    sections = [line for line in (tmp_path / "kernels.md").read_text().splitlines() if line.startswith("### ")]
+    assert sections == [f"### default,dbo={d}-b{b}" for b in (4, 8) for d in ("off", "on")]
+    assert "no device kernels" in (tmp_path / "kernels.md").read_text()
 
 
 def test_latency_of_an_moe_model_with_expert_parallelism(checkpoints, tmp_path, capsys):
