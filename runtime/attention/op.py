@@ -28,7 +28,8 @@ _BACKENDS = {
 
 
 def attention_backend(name: str | None = None) -> ModuleType:
-    """The module providing ``store_kv`` and ``paged_attention`` for this platform."""
+    """The module providing ``store_kv`` and ``paged_attention`` for this platform (and, optionally,
+    ``store_kv_and_attend``: both in fewer launches)."""
     return _backend_module(name or os.environ.get(BACKEND_ENV) or current_platform.attention_backend)
 
 
@@ -61,8 +62,14 @@ def attention(
     except KeyError:
         raise RuntimeError(f"no KV cache registered for attention layer {layer_name!r}") from None
     backend = attention_backend()
+    window = sliding_window if sliding_window > 0 else None
+    # A backend may store the step's keys and values inside its attention kernel (one launch less).
+    store_and_attend = getattr(backend, "store_kv_and_attend", None)
+    if store_and_attend is not None:
+        store_and_attend(query, key, value, kv_cache, metadata, scale, window, out)
+        return
     backend.store_kv(key, value, kv_cache, metadata.slot_mapping)
-    backend.paged_attention(query, kv_cache, metadata, scale, sliding_window if sliding_window > 0 else None, out)
+    backend.paged_attention(query, kv_cache, metadata, scale, window, out)
 
 
 @attention.register_fake

@@ -239,6 +239,49 @@ def test_store_kv_skips_padding_and_strided_inputs():
     assert torch.equal(kv_cache, expected)
 
 
+def _store_then_attend(md, kv_cache, query, key, value, sliding_window, num_splits):
+    cache, out = kv_cache.clone(), torch.full_like(query, float("nan"))
+    triton_kernels.store_kv(key, value, cache, md.slot_mapping)
+    paged_decode(query, cache, md.block_tables, md.seq_lens, md.block_size, query.shape[-1] ** -0.5,
+                 sliding_window, out, num_splits=num_splits)
+    return cache, out
+
+
+def _stored_by_attention(md, kv_cache, query, key, value, sliding_window, num_splits):
+    cache, out = kv_cache.clone(), torch.full_like(query, float("nan"))
+    paged_decode(query, cache, md.block_tables, md.seq_lens, md.block_size, query.shape[-1] ** -0.5,
+                 sliding_window, out, num_splits=num_splits, new_kv=(key, value, md.slot_mapping))
+    return cache, out
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 8])
+@pytest.mark.parametrize("sliding_window", [None, 5])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_storing_the_new_kv_equals_store_then_decode(num_splits, sliding_window, padded):
+    # The fused store reads the new token from registers: outputs and cache must be the unfused ones, bit for bit.
+    seq_lens = [1, 2, 17, 64, MAX_SEQ, 33]
+    md, kv_cache, query, key, value = _build_batch([1] * len(seq_lens), seq_lens, 9, 3, 64, DTYPES[-1], seed=5,
+                                                   num_padded_tokens=8 if padded else None)
+    if padded:  # a graph runner's padding: seq_len 0 rows beyond the batch, their slots -1
+        md.block_tables = torch.cat([md.block_tables, torch.zeros_like(md.block_tables[:2])])
+        md.seq_lens = torch.cat([md.seq_lens, torch.zeros(2, dtype=torch.int32, device=DEVICE)])
+    unfused = _store_then_attend(md, kv_cache, query, key, value, sliding_window, num_splits)
+    fused = _stored_by_attention(md, kv_cache, query, key, value, sliding_window, num_splits)
+    for a, b in zip(fused, unfused):
+        assert torch.equal(a.nan_to_num(123.0), b.nan_to_num(123.0))
+
+
+def test_store_kv_and_attend_picks_the_fused_decode_and_falls_back_for_prefill():
+    for query_lens, seq_lens in (([1, 1, 1], [9, 40, 77]), ([1, 37, 5], [40, 37, 90])):
+        md, kv_cache, query, key, value = _build_batch(query_lens, seq_lens, 8, 2, 64, DTYPES[-1], seed=9)
+        expected_cache, expected = kv_cache.clone(), torch.full_like(query, float("nan"))
+        triton_kernels.store_kv(key, value, expected_cache, md.slot_mapping)
+        triton_kernels.paged_attention(query, expected_cache, md, 0.125, None, expected)
+        out = torch.full_like(query, float("nan"))
+        triton_kernels.store_kv_and_attend(query, key, value, kv_cache, md, 0.125, None, out)
+        assert torch.equal(out, expected) and torch.equal(kv_cache.nan_to_num(1.0), expected_cache.nan_to_num(1.0))
+
+
 @pytest.mark.skipif(INTERPRET, reason="long contexts are too slow in the interpreter")
 @pytest.mark.parametrize("sliding_window", [None, 1024])
 def test_long_context_decode(sliding_window):
