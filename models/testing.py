@@ -71,6 +71,17 @@ def llama_1b_config() -> Any:
     return config
 
 
+def smollm2_135m_config() -> Any:
+    """The SmolLM2-135M shape (the default model's): 30 layers, hidden 576, 9/3 heads of 64, ffn 1536, vocab 49152."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=100000.0)
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
 def qwen3_0_6b_config() -> Any:
     """The Qwen3-0.6B shape (nano-vllm's benchmark model): 28 layers, hidden 1024, 16/8 heads of 128, ffn 3072."""
     from transformers import Qwen3Config

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, parents=[common], help=HELP[name])
         s.add_argument("--model", default=None,
                        help=f"checkpoint dir/.gguf, or '{RANDOM_1B}' / 'random-qwen3-0.6b' / 'random-qwen3-30b-a3b-8l' "
-                            "for a random model of the Llama-3.2-1B / Qwen3-0.6B / Qwen3-30B-A3B (8 of its 48 layers) "
-                            "shape (default: the embedded SmolLM2)")
+                            "/ 'random-smollm2' for a random model of the Llama-3.2-1B / Qwen3-0.6B / Qwen3-30B-A3B "
+                            "(8 of its 48 layers) / SmolLM2-135M shape (default: the embedded SmolLM2)")
         s.add_argument("--dtype", default="auto",
                        help="auto (the checkpoint's; float32 on CPU), float32, bfloat16 or float16 (default: auto)")
         s.add_argument("--max-num-batched-tokens", type=int, default=None,

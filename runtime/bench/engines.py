@@ -14,7 +14,7 @@ from compiler import CompilationConfig
 from models.default import default_model_path
 from models.loader import LoadedModel, load_model, resolve_dtype
 from models.testing import (build_random_model, llama_1b_config, qwen3_0_6b_config, qwen3_30b_a3b_config,
-                            save_random_checkpoint)
+                            save_random_checkpoint, smollm2_135m_config)
 from runtime.distributed.parallel_state import ParallelContext, use_parallel
 from runtime.engine.core import EngineCore
 from runtime.engine.llm import LLM
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 RANDOM_1B = "random-1b"
 # Random-weight models of a real shape, built in memory (no checkpoint needed): name -> config.
 RANDOM_MODELS = {RANDOM_1B: llama_1b_config, "random-qwen3-0.6b": qwen3_0_6b_config,
-                 "random-qwen3-30b-a3b-8l": qwen3_30b_a3b_config}
+                 "random-qwen3-30b-a3b-8l": qwen3_30b_a3b_config, "random-smollm2": smollm2_135m_config}
 
 
 def load_model_for(args: argparse.Namespace, compilation: CompilationConfig | None = None) -> LoadedModel | None:

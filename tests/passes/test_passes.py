@@ -12,7 +12,7 @@ from models.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from models.loader import build_model
 from models.testing import tiny_config
 from passes.base import GraphPass
-from passes.manager import PASSES, PassManager, PassVerificationError, default_pass_names
+from passes.manager import OPT_IN_PASSES, PASSES, PassManager, PassVerificationError, default_pass_names
 from runtime.attention.kv_tensors import allocate_kv_caches
 from runtime.attention.metadata import AttentionMetadata
 from runtime.forward_context import set_forward_context
@@ -279,7 +279,7 @@ def test_unknown_pass_name_lists_known():
 
 def test_default_expands_and_uuid_tracks_pass_list():
     assert PassManager.from_names(["default"]).names == default_pass_names()
-    assert set(default_pass_names()) == set(PASSES)
+    assert set(default_pass_names()) == set(PASSES) - set(OPT_IN_PASSES)
     # Inductor fuses elementwise chains itself; our fusions would only hide them from it.
     assert PassManager.from_names(["default"], backend_fuses=True).names == ["noop_elimination"]
     assert PassManager.from_names(["default"], backend_fuses=False).names == default_pass_names()
