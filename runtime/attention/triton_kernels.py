@@ -12,8 +12,11 @@ import triton.language as tl
 from runtime.attention.metadata import AttentionMetadata
 from runtime.attention.triton_decode import paged_decode
 from runtime.attention.triton_prefill import paged_prefill
+from runtime.ops.kernels import reference_asked_for
 
 __all__ = ["store_kv", "paged_attention", "store_kv_and_attend"]
+
+STORE_KV_AND_ATTEND = "store_kv_and_attend"
 
 
 @triton.jit
@@ -70,9 +73,9 @@ def store_kv_and_attend(
     out: torch.Tensor,
 ) -> None:
     """store_kv, then paged_attention; for uniform decode both in the decode kernel (one launch less per
-    layer and step)."""
+    layer and step). ``GRAPHMODE_OP_KERNELS=store_kv_and_attend=torch`` keeps them apart (to compare)."""
     fused = (metadata.max_query_len <= 1 and key.stride(-1) == 1 and value.stride(-1) == 1
-             and _attention_shapes_ok(query, kv_cache, metadata))
+             and _attention_shapes_ok(query, kv_cache, metadata) and not reference_asked_for(STORE_KV_AND_ATTEND))
     if not fused:
         store_kv(key, value, kv_cache, metadata.slot_mapping)
         paged_attention(query, kv_cache, metadata, scale, sliding_window, out)

@@ -271,15 +271,23 @@ def test_decode_storing_the_new_kv_equals_store_then_decode(num_splits, sliding_
         assert torch.equal(a.nan_to_num(123.0), b.nan_to_num(123.0))
 
 
-def test_store_kv_and_attend_picks_the_fused_decode_and_falls_back_for_prefill():
+@pytest.mark.parametrize("kernels", ["", "store_kv_and_attend=torch"])
+def test_store_kv_and_attend_picks_the_fused_decode_and_falls_back_for_prefill(kernels, monkeypatch):
+    monkeypatch.setenv("GRAPHMODE_OP_KERNELS", kernels)  # "=torch": kept apart, for comparisons
+    separate_stores = []
+    store_kv = triton_kernels.store_kv
     for query_lens, seq_lens in (([1, 1, 1], [9, 40, 77]), ([1, 37, 5], [40, 37, 90])):
         md, kv_cache, query, key, value = _build_batch(query_lens, seq_lens, 8, 2, 64, DTYPES[-1], seed=9)
         expected_cache, expected = kv_cache.clone(), torch.full_like(query, float("nan"))
-        triton_kernels.store_kv(key, value, expected_cache, md.slot_mapping)
+        store_kv(key, value, expected_cache, md.slot_mapping)
         triton_kernels.paged_attention(query, expected_cache, md, 0.125, None, expected)
         out = torch.full_like(query, float("nan"))
-        triton_kernels.store_kv_and_attend(query, key, value, kv_cache, md, 0.125, None, out)
+        with monkeypatch.context() as m:
+            m.setattr(triton_kernels, "store_kv", lambda *a: separate_stores.append(len(query_lens)) or store_kv(*a))
+            triton_kernels.store_kv_and_attend(query, key, value, kv_cache, md, 0.125, None, out)
         assert torch.equal(out, expected) and torch.equal(kv_cache.nan_to_num(1.0), expected_cache.nan_to_num(1.0))
+    # The decode batch stores inside its kernel unless kept apart; the mixed batch always stores first.
+    assert len(separate_stores) == (2 if kernels else 1)
 
 
 @pytest.mark.skipif(INTERPRET, reason="long contexts are too slow in the interpreter")
