@@ -108,7 +108,8 @@ def _decode_kernel(
         new_k = key_ptr + row.to(tl.int64) * stride_nt + kvh * stride_nh
         new_v = value_ptr + row.to(tl.int64) * stride_vt + kvh * stride_vh
         if (new_slot >= 0) & (start <= last) & (last < end):
-            dst = kv_head + (new_slot // BLOCK_SIZE) * stride_kb + (new_slot % BLOCK_SIZE) * stride_ko + offs_d * stride_kd
+            dst = (kv_head + (new_slot // BLOCK_SIZE) * stride_kb + (new_slot % BLOCK_SIZE) * stride_ko
+                   + offs_d * stride_kd)
             tl.store(dst, tl.load(new_k + offs_d, mask=d_mask).to(kv_ptr.dtype.element_ty), mask=d_mask)
             tl.store(dst + stride_kv, tl.load(new_v + offs_d, mask=d_mask).to(kv_ptr.dtype.element_ty), mask=d_mask)
     for n0 in range(start, end, BLOCK_N):

@@ -62,46 +62,29 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     )
 
 
-def store_kv_and_attend(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    scale: float,
-    sliding_window: int | None,
-    out: torch.Tensor,
-) -> None:
+def store_kv_and_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                        metadata: AttentionMetadata, scale: float, sliding_window: int | None,
+                        out: torch.Tensor) -> None:
     """store_kv, then paged_attention; for uniform decode both in the decode kernel (one launch less per
     layer and step). ``GRAPHMODE_OP_KERNELS=store_kv_and_attend=torch`` keeps them apart (to compare)."""
-    fused = (metadata.max_query_len <= 1 and key.stride(-1) == 1 and value.stride(-1) == 1
-             and _attention_shapes_ok(query, kv_cache, metadata) and not reference_asked_for(STORE_KV_AND_ATTEND))
-    if not fused:
+    in_kernel = (metadata.max_query_len <= 1 and key.stride(-1) == 1 and value.stride(-1) == 1
+                 and not reference_asked_for(STORE_KV_AND_ATTEND))
+    if not in_kernel:
         store_kv(key, value, kv_cache, metadata.slot_mapping)
-        paged_attention(query, kv_cache, metadata, scale, sliding_window, out)
-        return
-    if sliding_window is not None and sliding_window <= 0:
-        sliding_window = None
-    paged_decode(query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.block_size, scale,
-                 sliding_window, out, new_kv=(key, value, metadata.slot_mapping))
+    _attend(query, kv_cache, metadata, scale, sliding_window, out,
+            (key, value, metadata.slot_mapping) if in_kernel else None)
 
 
-def _attention_shapes_ok(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata) -> bool:
-    """The checks paged_attention raises on (it names the problem); here they only decide the path."""
-    num_heads, head_dim = query.shape[1:]
-    return (num_heads % kv_cache.shape[3] == 0 and kv_cache.shape[4] == head_dim
-            and metadata.block_size == kv_cache.shape[2])
-
-
-def paged_attention(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    scale: float,
-    sliding_window: int | None,
-    out: torch.Tensor,
-) -> None:
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                    sliding_window: int | None, out: torch.Tensor) -> None:
     """Causal attention of each request's new queries [T, H, D] over its paged KV history."""
+    _attend(query, kv_cache, metadata, scale, sliding_window, out, None)
+
+
+def _attend(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+            sliding_window: int | None, out: torch.Tensor,
+            new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+    """paged_attention; ``new_kv`` (decode only): the step's keys, values and slots, stored by the decode kernel."""
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = kv_cache.shape[3]
     if num_heads % num_kv_heads != 0:
@@ -114,7 +97,7 @@ def paged_attention(
     if metadata.max_query_len <= 1:
         # Launch depends on shapes only, so this branch can be captured in a CUDA graph.
         paged_decode(query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.block_size,
-                     scale, sliding_window, out)
+                     scale, sliding_window, out, new_kv=new_kv)
         return
     paged_prefill(query, kv_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
                   metadata.max_query_len, metadata.block_size, scale, sliding_window, out)
