@@ -1,8 +1,9 @@
-"""`python -m runtime.bench latency|throughput|mm-encoder|moe|norm-linear|serving|disagg|startup`:
+"""`python -m runtime.bench latency|throughput|agreement|mm-encoder|moe|norm-linear|serving|disagg|startup`:
 the harness behind every performance claim.
 
 latency:    per-step decode latency at given batch sizes and context length (prefill excluded).
 throughput: offline generation of N requests with fixed input/output lengths.
+agreement:  greedy tokens of compilation configs against eager (or a baseline config) on the same weights.
 mm-encoder: the vision encoder alone per attention backend, eager / compiled / captured.
 moe:        one sparse MoE layer, the torch reference vs the grouped GEMM, eager and captured.
 norm-linear: a decode step's norm + projection, the unfused ops vs the fused kernel, beside a copy's bandwidth.
@@ -23,6 +24,8 @@ from typing import Any, Callable
 import torch
 
 from models.default import DefaultModelMissing
+from runtime.bench.agreement import AGREEMENT_COLUMNS, bench_agreement
+from runtime.bench.agreement import add_parser as add_agreement_parser
 from runtime.bench.disagg import add_parser as add_disagg_parser
 from runtime.bench.disagg import bench_disagg
 from runtime.bench.engines import RANDOM_1B
@@ -51,6 +54,7 @@ HELP = {"latency": "per-step decode latency at given batch sizes and context len
 BENCHMARKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[argparse.Namespace, ResultTable], None]]] = {
     "latency": (LATENCY_COLUMNS, ("model", "dtype"), bench_latency),
     "throughput": (THROUGHPUT_COLUMNS, ("model", "dtype"), bench_throughput),
+    "agreement": (AGREEMENT_COLUMNS, ("model", "dtype"), bench_agreement),
     "mm-encoder": (MM_ENCODER_COLUMNS, ("shape", "dtype"), bench_mm_encoder),
     "moe": (MOE_COLUMNS, ("shape", "dtype"), bench_moe_layer),
     "norm-linear": (NORM_LINEAR_COLUMNS, ("shape", "dtype"), bench_norm_linear),
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--data-parallel-size", type=int, default=1,
                            help="engine cores (processes), the requests spread over them by load; cores that "
                                 "share a device need --kv-cache-memory-gb, each core's (default: %(default)s)")
+    add_agreement_parser(sub, [common])
     add_mm_encoder_parser(sub, [common])
     add_moe_parser(sub, [common])
     add_norm_linear_parser(sub, [common])

@@ -16,6 +16,8 @@ from models.testing import write_tiny_checkpoint
 from models.vision_testing import write_tiny_qwen2_vl_checkpoint
 from runtime.bench import cli as bench
 from runtime.bench.results import LATENCY_COLUMNS, MM_ENCODER_COLUMNS, THROUGHPUT_COLUMNS, ResultTable
+from runtime.bench import agreement
+from runtime.bench.agreement import AGREEMENT_COLUMNS
 from runtime.bench.moe_layer import MOE_COLUMNS
 from runtime.bench.norm_linear import NORM_LINEAR_COLUMNS
 from runtime.bench.serving import SERVING_COLUMNS
@@ -26,6 +28,8 @@ from tests.helpers.serve import running_server
 
 COMPILED = '{"mode": "compile", "backend": "eager", "passes": ["default"]}'
 TINY_LATENCY = ["--context", "8", "--steps", "2", "--warmup", "1", "--kv-cache-memory-gb", "0.05"]
+
+NORM_LINEAR = '["default", "fuse_norm_linear"]'
 
 # Every invocation the tests below make, by name: test_every_flag_is_exercised checks that together they
 # use each option the parser offers. "{llama}", "{moe}", "{json}" are filled in per test.
@@ -102,6 +106,10 @@ INVOCATIONS = {
     "moe": ["moe", "--shape", "tiny", "--tokens", "1", "7", "--dtype", "float32", "--iters", "2", "--warmup", "1",
             "--log-level", "INFO",
             "--json", "{json}"],
+    "agreement": ["agreement", "--model", "{llama}", "--dtype", "float32", "--prompts", "4", "--max-tokens", "3",
+                  "--baseline-config", 'base={"mode": "compile", "backend": "eager"}',
+                  "--config", f'norm_linear={{"mode": "compile", "backend": "eager", "passes": {NORM_LINEAR}}}',
+                  "--kv-cache-memory-gb", "0.05", "--log-level", "WARNING", "--json", "{json}"],
     "norm_linear": ["norm-linear", "--shape", "tiny", "--tokens", "1", "3", "--dtype", "float32", "--iters", "2",
                     "--warmup", "1", "--copy-mib", "4", "--log-level", "WARNING", "--json", "{json}"],
 }
@@ -311,6 +319,20 @@ def test_moe_layer_times_the_reference_and_the_grouped_gemm_where_the_platform_h
     assert [(r["tokens"], r["kernel"], r["mode"]) for r in rows] == [(t, k, "eager") for t in (1, 7) for k in kernels]
     assert all(r["ms"] > 0 and r["vs_reference"] > 0 for r in rows)
     assert [r["vs_reference"] for r in rows if r["kernel"] == "reference"] == [1.0, 1.0]
+
+
+def test_agreement_compares_each_config_with_the_baseline(checkpoints, tmp_path, capsys):
+    rows, printed = _run("agreement", checkpoints, tmp_path, capsys)
+    _check_schema(rows, AGREEMENT_COLUMNS, printed)
+    # Off the Triton kernel fuse_norm_linear runs the ops it replaced: every token equal.
+    assert [(r["config"], r["prompts"], r["tokens"], r["sequences_equal"], r["tokens_equal_before_divergence"],
+             r["first_divergence"]) for r in rows] == [("base", 4, 12, 4, 12, None), ("norm_linear", 4, 12, 4, 12, None)]
+
+
+def test_agreement_counts_tokens_up_to_the_first_difference():
+    assert agreement._first_difference([1, 2, 3], [1, 2, 3]) == 3
+    assert agreement._first_difference([1, 5, 3], [1, 2, 3]) == 1
+    assert agreement._first_difference([7], [1]) == 0
 
 
 def test_norm_linear_times_the_unfused_ops_beside_a_copy(checkpoints, tmp_path, capsys):
