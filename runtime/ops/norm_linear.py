@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import runtime.ops.activation  # noqa: F401  (registers graphmode::silu_and_mul)
-import runtime.ops.rms_norm  # noqa: F401  (registers graphmode::rms_norm, graphmode::fused_add_rms_norm)
+from runtime.ops.activation import silu_and_mul_reference  # (and registers graphmode::silu_and_mul)
+from runtime.ops.rms_norm import rms_norm_reference  # (and registers graphmode::rms_norm, fused_add_rms_norm)
 from runtime.ops.kernels import run_platform_kernel, triton_module, use_triton
 from runtime.ops.library import graph_op
 
@@ -26,6 +26,19 @@ ADD_RMS_NORM_LINEAR_OP = "graphmode::add_rms_norm_linear"
 def _project(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
     projected = F.linear(normed, weight, bias)
     return torch.ops.graphmode.silu_and_mul(projected) if gated else projected
+
+
+def rms_norm_linear_reference(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                              bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    projected = F.linear(rms_norm_reference(x, norm_weight, eps), weight, bias)
+    return silu_and_mul_reference(projected) if gated else projected
+
+
+def add_rms_norm_linear_reference(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                  weight: torch.Tensor, bias: torch.Tensor | None, gated: bool
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = (x + residual).contiguous()
+    return rms_norm_linear_reference(summed, norm_weight, eps, weight, bias, gated), summed
 
 
 def _fused_kernel_serves(op_name: str, x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,

@@ -21,8 +21,7 @@ DEVICE = triton_device.select(__name__)
 INTERPRET = triton_device.INTERPRET
 
 from runtime.ops import triton_norm_linear  # noqa: E402
-from runtime.ops.activation import silu_and_mul_reference  # noqa: E402
-from runtime.ops.rms_norm import fused_add_rms_norm_reference, rms_norm_reference  # noqa: E402
+from runtime.ops.norm_linear import add_rms_norm_linear_reference, rms_norm_linear_reference  # noqa: E402
 
 DTYPES = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]
 TOKENS = [1, 3, 17] if INTERPRET else [1, 7, 16, 33, 64]
@@ -47,13 +46,10 @@ def _inputs(tokens: int, hidden: int, rows: int, dtype: torch.dtype, bias: bool)
 
 
 def _unfused(x, residual, norm_weight, weight, bias, gated, eps):
-    """What the graph runs without the pass: the norm op, cuBLAS (CPU: torch's mm), the SwiGLU op."""
+    """What the graph runs without the pass: the norm, cuBLAS (CPU: torch's mm), the SwiGLU."""
     if residual is None:
-        normed, summed = rms_norm_reference(x, norm_weight, eps), None
-    else:
-        normed, summed = fused_add_rms_norm_reference(x, residual, norm_weight, eps)
-    projected = F.linear(normed, weight, bias)
-    return (silu_and_mul_reference(projected) if gated else projected), summed
+        return rms_norm_linear_reference(x, norm_weight, eps, weight, bias, gated), None
+    return add_rms_norm_linear_reference(x, residual, norm_weight, eps, weight, bias, gated)
 
 
 def _fp32(x, residual, norm_weight, weight, bias, gated, eps):
