@@ -53,9 +53,9 @@ def _generate(args: argparse.Namespace, compilation: CompilationConfig) -> list[
     loaded = load_model_for(engine_args, compilation)
     llm = make_engine(loaded, engine_args, args.prompts, 64 + args.max_tokens + 8, compilation=compilation)
     try:
+        # A progress bar: under the Triton interpreter a config takes minutes.
         outputs = llm.generate(_prompts(args.prompts, llm.engine.vocab_size),
-                               SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True),
-                               use_tqdm=False)
+                               SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True))
         return [list(o.outputs[0].token_ids) for o in outputs]
     finally:
         llm.engine.shutdown()

@@ -109,19 +109,23 @@ def _norm_linear_kernel(
 
 
 def _block_n(columns: int, row_blocks: int, device: torch.device) -> int:
-    """Output columns per program: as wide as keeps about two programs per multiprocessor."""
-    sms = current_platform.multiprocessor_count(device) or 132
+    """Output columns per program: as wide as keeps about two programs per multiprocessor (the widest,
+    fewest programs, where there are none: the interpreter runs programs one by one)."""
+    sms = current_platform.multiprocessor_count(device)
     block = 128
+    if sms is None:
+        return block
     while block > 16 and triton.cdiv(columns, block) * row_blocks < 2 * sms:
         block //= 2
     return block
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, bias: torch.Tensor | None, gated: bool
+                weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, block_n: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(projection, residual sum or None): ``linear(rms_norm(x + residual))`` of x [M, K], weight [N, K];
-    gated: ``silu(gate) * up`` of the projection's two halves, [M, N / 2]."""
+    gated: ``silu(gate) * up`` of the projection's two halves, [M, N / 2]. ``block_n``: output columns per
+    program (default: chosen from the shape and the device)."""
     rows, width = x.shape
     columns = weight.shape[0] // 2 if gated else weight.shape[0]
     out = torch.empty(rows, columns, dtype=x.dtype, device=x.device)
@@ -131,7 +135,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
     # tl.dot needs 16 rows; fewer are masked, which costs nothing where the weights set the pace.
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_m)
-    block_n = _block_n(columns, row_blocks, x.device)
+    block_n = block_n or _block_n(columns, row_blocks, x.device)
     block_k = min(128 if gated else 256, max(32, triton.next_power_of_2(width)))
     _norm_linear_kernel[(triton.cdiv(columns, block_n), row_blocks)](
         x, residual if residual is not None else x, norm_weight, weight,

@@ -85,6 +85,17 @@ def test_error_no_larger_than_the_unfused_ops(tokens, shape, dtype, with_residua
     assert kernel_error <= unfused_error * ERROR_MARGIN, (kernel_error, unfused_error)
 
 
+@pytest.mark.parametrize("block_n", [16, 32, 64, 128])
+def test_every_column_block_width(block_n):
+    # The device picks the width from its multiprocessor count (the interpreter: the widest): all must agree.
+    # (Not bit for bit: the dot's summation order may depend on the tile's shape.)
+    x, residual, norm_weight, weight, b = _inputs(3, 96, 200, torch.float16, bias=True)
+    out, _ = triton_norm_linear.norm_linear(x, residual, norm_weight, 1e-6, weight, b, True, block_n=block_n)
+    ref, _ = _unfused(x, residual, norm_weight, weight, b, True, 1e-6)
+    exact = _fp32(x, residual, norm_weight, weight, b, True, 1e-6)
+    assert (out.double() - exact).abs().mean() <= ERROR_MARGIN * (ref.double() - exact).abs().mean()
+
+
 def test_float32_matches_fp32_reference():
     x, residual, norm_weight, weight, b = _inputs(5, 96, 64, torch.float32, bias=True)
     out, _ = triton_norm_linear.norm_linear(x, residual, norm_weight, 1e-5, weight, b, True)
