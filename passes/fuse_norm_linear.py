@@ -13,19 +13,14 @@ reference path, and waits for GPU timings against cuBLAS before it is the defaul
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-import runtime.ops.norm_linear  # noqa: F401  (registers graphmode::rms_norm_linear, graphmode::add_rms_norm_linear)
+import runtime.ops.norm_linear
 from passes.base import register_pass
 from passes.patterns import PATTERN_DTYPES, PatternPass
+from runtime.ops.norm_linear import project  # (the module registers graphmode::rms_norm_linear, add_rms_norm_linear)
 
 _EPS = 1e-6  # trace value only: eps is matched as an argument
 _TOKENS, _HIDDEN, _COLUMNS = 4, 16, 32
-
-
-def _project(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
-    projected = F.linear(normed, weight, bias)
-    return torch.ops.graphmode.silu_and_mul(projected) if gated else projected
 
 
 def _add_norm_patterns(bias: bool, gated: bool):
@@ -34,7 +29,7 @@ def _add_norm_patterns(bias: bool, gated: bool):
     Explicit signatures: register_replacement names the arguments (eps is matched by name)."""
     def search(x, residual, norm_weight, weight, eps):
         normed, summed = torch.ops.graphmode.fused_add_rms_norm(x, residual, norm_weight, eps)
-        return _project(normed, weight, None, gated), summed
+        return project(normed, weight, None, gated), summed
 
     def replace(x, residual, norm_weight, weight, eps):
         out, summed = torch.ops.graphmode.add_rms_norm_linear(x, residual, norm_weight, eps, weight, None, gated)
@@ -42,7 +37,7 @@ def _add_norm_patterns(bias: bool, gated: bool):
 
     def search_bias(x, residual, norm_weight, weight, bias, eps):
         normed, summed = torch.ops.graphmode.fused_add_rms_norm(x, residual, norm_weight, eps)
-        return _project(normed, weight, bias, gated), summed
+        return project(normed, weight, bias, gated), summed
 
     def replace_bias(x, residual, norm_weight, weight, bias, eps):
         out, summed = torch.ops.graphmode.add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias, gated)
@@ -54,13 +49,13 @@ def _add_norm_patterns(bias: bool, gated: bool):
 def _norm_patterns(bias: bool, gated: bool):
     """(search, replacement) for rms_norm -> linear (with bias) (-> silu_and_mul)."""
     def search(x, norm_weight, weight, eps):
-        return _project(torch.ops.graphmode.rms_norm(x, norm_weight, eps), weight, None, gated)
+        return project(torch.ops.graphmode.rms_norm(x, norm_weight, eps), weight, None, gated)
 
     def replace(x, norm_weight, weight, eps):
         return torch.ops.graphmode.rms_norm_linear(x, norm_weight, eps, weight, None, gated)
 
     def search_bias(x, norm_weight, weight, bias, eps):
-        return _project(torch.ops.graphmode.rms_norm(x, norm_weight, eps), weight, bias, gated)
+        return project(torch.ops.graphmode.rms_norm(x, norm_weight, eps), weight, bias, gated)
 
     def replace_bias(x, norm_weight, weight, bias, eps):
         return torch.ops.graphmode.rms_norm_linear(x, norm_weight, eps, weight, bias, gated)
@@ -81,6 +76,10 @@ class FuseNormLinearPass(PatternPass):
     """(add +) RMSNorm -> linear (-> SiLU-and-mul) -> graphmode::(add_)rms_norm_linear."""
 
     name = "fuse_norm_linear"
+
+    def source_objects(self) -> list:
+        # The patterns call the op module's ``project``: its code is part of what they match.
+        return super().source_objects() + [runtime.ops.norm_linear]
 
     def register_patterns(self) -> None:
         for gated in (True, False):

@@ -70,11 +70,10 @@ def _first_difference(a: list[int], b: list[int]) -> int:
 
 def bench_agreement(args: argparse.Namespace, table: ResultTable) -> None:
     """The baseline's row (agreeing with itself), then one row per --config."""
-    baseline = named_configs(argparse.Namespace(config=[args.baseline_config], graph_mode=None))[0] \
-        if args.baseline_config else _EAGER
-    configs = named_configs(argparse.Namespace(config=args.config, graph_mode=None))
+    baseline = [args.baseline_config] if args.baseline_config else []
+    configs = named_configs(argparse.Namespace(config=baseline + args.config, graph_mode=None))
     reference = None
-    for name, compilation in [baseline, *configs]:
+    for name, compilation in ([] if baseline else [_EAGER]) + configs:
         tokens = _generate(args, compilation)
         reference = reference or tokens
         prefixes = [_first_difference(a, b) for a, b in zip(tokens, reference)]

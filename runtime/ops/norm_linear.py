@@ -23,7 +23,9 @@ RMS_NORM_LINEAR_OP = "graphmode::rms_norm_linear"
 ADD_RMS_NORM_LINEAR_OP = "graphmode::add_rms_norm_linear"
 
 
-def _project(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+def project(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    """``linear(normed, weight, bias)``, then the SwiGLU of its halves when ``gated``: the unfused ops (what the
+    fusion pass matches, and the op's path off the kernel)."""
     projected = F.linear(normed, weight, bias)
     return torch.ops.graphmode.silu_and_mul(projected) if gated else projected
 
@@ -61,7 +63,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
         return result
     if _fused_kernel_serves(RMS_NORM_LINEAR_OP, x, norm_weight, weight, bias, gated):
         return triton_module("triton_norm_linear").norm_linear(x, None, norm_weight, eps, weight, bias, gated)[0]
-    return _project(torch.ops.graphmode.rms_norm(x, norm_weight, eps), weight, bias, gated)
+    return project(torch.ops.graphmode.rms_norm(x, norm_weight, eps), weight, bias, gated)
 
 
 @rms_norm_linear.register_fake
@@ -82,7 +84,7 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
             and _fused_kernel_serves(ADD_RMS_NORM_LINEAR_OP, x, norm_weight, weight, bias, gated, residual)):
         return triton_module("triton_norm_linear").norm_linear(x, residual, norm_weight, eps, weight, bias, gated)
     normed, summed = torch.ops.graphmode.fused_add_rms_norm(x, residual, norm_weight, eps)
-    return _project(normed, weight, bias, gated), summed
+    return project(normed, weight, bias, gated), summed
 
 
 @add_rms_norm_linear.register_fake
